@@ -337,12 +337,17 @@ class PatchManager:
         cls._check_conflicts(spec, target, plan)
         originals = dict(plan.overrides)
         tx = Transaction(target)
+        # Each original goes in before its replacement, so a thread calling the
+        # target meanwhile never finds a graft whose original is missing.
+        steps = []
+        for member, value in spec.members.items():
+            if member in originals:
+                steps.append((ORIGINAL_PREFIX + member, originals[member]))
+            steps.append((member, rebind(value, target)))
         member = ""
         try:
-            for member, value in spec.members.items():
-                if member in originals:
-                    tx.set(ORIGINAL_PREFIX + member, originals[member])
-                tx.set(member, rebind(value, target))
+            for member, value in steps:
+                tx.set(member, value)
         except BaseException as exc:
             undo_errors = tx.undo()
             if undo_errors:

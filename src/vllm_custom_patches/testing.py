@@ -1,0 +1,106 @@
+"""Helpers for testing patches (and for this project's own tests).
+
+Typical use in a patch author's test suite::
+
+    from vllm_custom_patches.testing import applied, isolated_registry, snapshot_namespace
+
+    def test_my_patch_changes_schedule():
+        before = snapshot_namespace(Scheduler)
+        with applied(MyPatch):
+            ...  # exercise the patched Scheduler
+        before.assert_unchanged()
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ._graft import MISSING
+from ._manager import PatchManager, PatchRef
+
+__all__ = ["NamespaceSnapshot", "applied", "isolated_registry", "snapshot_namespace"]
+
+
+@dataclass(frozen=True)
+class NamespaceSnapshot:
+    """A class's own ``__dict__`` at one moment: names and object identities."""
+
+    cls: type
+    entries: dict[str, object]
+
+    def changes(self) -> list[str]:
+        """What differs now, one readable line per name; empty if nothing does."""
+        now = dict(vars(self.cls))
+        lines = []
+        for name in sorted(self.entries.keys() | now.keys()):
+            old, new = self.entries.get(name, MISSING), now.get(name, MISSING)
+            if old is new:
+                continue
+            if old is MISSING:
+                lines.append(f"+ {name} = {new!r}")
+            elif new is MISSING:
+                lines.append(f"- {name} (was {old!r})")
+            else:
+                lines.append(f"~ {name}: {old!r} -> {new!r}")
+        return lines
+
+    def assert_unchanged(self) -> None:
+        """Fail with the list of differences unless the namespace is exactly as snapshotted."""
+        diff = self.changes()
+        if diff:
+            raise AssertionError(f"{self.cls.__qualname__}.__dict__ changed:\n  " + "\n  ".join(diff))
+
+
+def snapshot_namespace(cls: type) -> NamespaceSnapshot:
+    """Record ``vars(cls)`` (keys and object identities) to compare with later."""
+    return NamespaceSnapshot(cls, dict(vars(cls)))
+
+
+@contextlib.contextmanager
+def applied(*patches: PatchRef) -> Iterator[None]:
+    """Apply the patches in order for the duration of the block, then roll them back, last first.
+
+    Patches that were already applied when the block started stay applied.
+    """
+    done: list[PatchRef] = []
+    try:
+        for patch in patches:
+            if PatchManager.apply(patch):
+                done.append(patch)
+        yield
+    finally:
+        for patch in reversed(done):
+            PatchManager.rollback(patch)
+
+
+@contextlib.contextmanager
+def isolated_registry() -> Iterator[None]:
+    """Give the block its own view of the patch registry.
+
+    On exit every patch applied inside the block is rolled back (last first),
+    patches that were applied on entry and rolled back inside are applied
+    again, and patch classes defined inside the block are forgotten, so names
+    can be reused by the next test.
+    """
+    reg = PatchManager._registry
+    with reg.lock:
+        patches: dict[str, Any] = dict(reg.patches)
+        applied_before = list(reg.applied)
+        outcomes = dict(reg.outcomes)
+    try:
+        yield
+    finally:
+        with reg.lock:
+            for name in reversed(list(reg.applied)):
+                if name not in applied_before:
+                    PatchManager.rollback(name)
+            reg.patches.clear()
+            reg.patches.update(patches)
+            for name in applied_before:
+                if name not in reg.applied:
+                    PatchManager.apply(name)
+            reg.outcomes.clear()
+            reg.outcomes.update(outcomes)

@@ -1,0 +1,99 @@
+"""Rule 8: idempotent, and consistent under apply/rollback from many threads."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+from vllm_custom_patches import PatchConflictError, PatchManager, VLLMPatch
+from vllm_custom_patches.testing import snapshot_namespace
+
+
+class Shared:
+    def a(self) -> str:
+        return "a"
+
+    def b(self) -> str:
+        return "b"
+
+
+def test_apply_is_idempotent() -> None:
+    class Once(VLLMPatch[Shared]):
+        def a(self) -> str:
+            return "A"
+
+    assert Once.apply() is True
+    patched = snapshot_namespace(Shared)
+    assert Once.apply() is False
+    patched.assert_unchanged()
+    assert PatchManager.applied().count("Once") == 1
+
+
+def test_many_threads_apply_the_same_patch_exactly_once() -> None:
+    class Contended(VLLMPatch[Shared]):
+        def a(self) -> str:
+            return "A"
+
+    barrier = threading.Barrier(16)
+    results: list[bool] = []
+
+    def worker() -> None:
+        barrier.wait()
+        results.append(Contended.apply())
+
+    threads = [threading.Thread(target=worker) for _ in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert results.count(True) == 1 and results.count(False) == 15
+
+
+def test_threads_applying_and_rolling_back_overlapping_patches_stay_consistent() -> None:
+    before = snapshot_namespace(Shared)
+
+    class OnA(VLLMPatch[Shared]):
+        def a(self) -> str:
+            return "A"
+
+    class OnB(VLLMPatch[Shared]):
+        def b(self) -> str:
+            return "B"
+
+    class AlsoOnA(VLLMPatch[Shared]):
+        def a(self) -> str:
+            return "A2"
+
+    patches = [OnA, OnB, AlsoOnA]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        barrier.wait()
+        for _ in range(300):
+            patch = rng.choice(patches)
+            try:
+                if rng.random() < 0.5:
+                    patch.apply()
+                else:
+                    patch.rollback()
+            except PatchConflictError:
+                pass  # OnA and AlsoOnA exclude each other: expected
+            except BaseException as exc:  # anything else is a bug
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+    assert errors == []
+    applied = set(PatchManager.applied())
+    assert not {"OnA", "AlsoOnA"} <= applied
+    expected_a = "A" if "OnA" in applied else "A2" if "AlsoOnA" in applied else "a"
+    assert Shared().a() == expected_a
+    assert Shared().b() == ("B" if "OnB" in applied else "b")
+    PatchManager.rollback_all()
+    before.assert_unchanged()
