@@ -1,0 +1,154 @@
+"""Model-based test: random define/apply/rollback sequences over random class hierarchies.
+
+After every step, ``vars()`` of every class in the hierarchy must be exactly
+(keys and object identity) what a simple model predicts; after
+``rollback_all()`` it must be identical to the start.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
+
+from vllm_custom_patches import PatchConflictError, PatchManager, VLLMPatch
+
+_EXISTING = ["m", "s", "c", "p", "__repr__", "attr"]
+_POOL = [*_EXISTING, "new1", "new2"]
+_KINDS = ["function", "staticmethod", "classmethod", "property", "value"]
+_MISSING = object()
+_counter = itertools.count()
+
+
+def _member(kind: str, tag: str) -> object:
+    def func(*args: Any) -> str:
+        return tag
+
+    if kind == "function":
+        return func
+    if kind == "staticmethod":
+        return staticmethod(func)
+    if kind == "classmethod":
+        return classmethod(func)
+    if kind == "property":
+        return property(func)
+    return object()
+
+
+class PatchModel(RuleBasedStateMachine):
+    patches = Bundle("patches")
+
+    @initialize(data=st.data())
+    def build_hierarchy(self, data: st.DataObject) -> None:
+        def namespace(label: str) -> dict[str, object]:
+            names = data.draw(st.lists(st.sampled_from(_EXISTING), unique=True), label=f"{label} members")
+            return {n: _member(data.draw(st.sampled_from(_KINDS), label=f"{label}.{n}"), f"{label}.{n}") for n in names}
+
+        self.root = type("Root", (), namespace("Root"))
+        self.mid = type("Mid", (self.root,), namespace("Mid"))
+        self.leaf = type("Leaf", (self.mid,), namespace("Leaf"))
+        self.other = type("Other", (), namespace("Other"))
+        self.classes = [self.root, self.mid, self.leaf, self.other]
+        self.initial = {cls: dict(vars(cls)) for cls in self.classes}
+        self.expected = {cls: dict(vars(cls)) for cls in self.classes}
+        self.owner: dict[tuple[type, str], str] = {}
+        self.applied: dict[str, tuple[type, dict[str, object]]] = {}  # name -> (target, old values)
+        self.specs: dict[str, tuple[type, dict[str, object]]] = {}
+
+    @rule(target=patches, data=st.data())
+    def define(self, data: st.DataObject) -> str:
+        target = data.draw(st.sampled_from(self.classes), label="target")
+        names = data.draw(st.lists(st.sampled_from(_POOL), min_size=1, max_size=4, unique=True), label="names")
+        name = f"Model{next(_counter)}"
+        members = {n: _member(data.draw(st.sampled_from(_KINDS), label=n), f"{name}.{n}") for n in names}
+        type(name, (VLLMPatch[target],), dict(members))
+        self.specs[name] = (target, members)
+        return name
+
+    def _lookup(self, cls: type, name: str) -> object:
+        for klass in cls.__mro__:
+            namespace = self.expected.get(klass, vars(klass))
+            if name in namespace:
+                return namespace[name]
+        return _MISSING
+
+    def _related(self, target: type) -> list[type]:
+        return [c for c in self.classes if c is not target and (issubclass(c, target) or issubclass(target, c))]
+
+    @rule(name=patches)
+    def apply(self, name: str) -> None:
+        target, members = self.specs[name]
+        if name in self.applied:
+            assert PatchManager.apply(name) is False
+            return
+        overrides = {n: self._lookup(target, n) for n in members if self._lookup(target, n) is not _MISSING}
+        touched = [*members, *(f"_original_{n}" for n in overrides)]
+        conflict = any((target, n) in self.owner for n in touched) or any(
+            f"_original_{n}" in self.expected[c] for n in overrides for c in self._related(target)
+        )
+        if conflict:
+            try:
+                PatchManager.apply(name)
+            except PatchConflictError:
+                return
+            raise AssertionError(f"{name} should have conflicted")
+        assert PatchManager.apply(name) is True
+        namespace = self.expected[target]
+        old = {n: namespace.get(n, _MISSING) for n in touched}
+        for n, original in overrides.items():
+            namespace[f"_original_{n}"] = original
+        namespace.update(members)
+        for n in touched:
+            self.owner[(target, n)] = name
+        self.applied[name] = (target, old)
+
+    def _forget(self, name: str) -> None:
+        target, old = self.applied.pop(name)
+        for n, value in old.items():
+            if value is _MISSING:
+                self.expected[target].pop(n, None)
+            else:
+                self.expected[target][n] = value
+            del self.owner[(target, n)]
+
+    @rule(name=patches)
+    def rollback(self, name: str) -> None:
+        assert PatchManager.rollback(name) is (name in self.applied)
+        if name in self.applied:
+            self._forget(name)
+
+    @rule()
+    def rollback_all(self) -> None:
+        expected_order = list(reversed(self.applied))
+        assert PatchManager.rollback_all() == expected_order
+        for name in expected_order:
+            self._forget(name)
+        for cls in self.classes:
+            assert vars(cls) == self.initial[cls]
+
+    @invariant()
+    def namespaces_match_the_model(self) -> None:
+        if not hasattr(self, "classes"):
+            return
+        for cls in self.classes:
+            actual = vars(cls)
+            expected = self.expected[cls]
+            assert actual.keys() == expected.keys(), (cls.__name__, set(actual) ^ set(expected))
+            for key, value in expected.items():
+                assert actual[key] is value, (cls.__name__, key)
+        assert sorted(PatchManager.applied()) == sorted(self.applied)
+
+    def teardown(self) -> None:
+        PatchManager.rollback_all()
+        if hasattr(self, "classes"):
+            for cls in self.classes:
+                assert vars(cls) == self.initial[cls]
+
+
+PatchModel.TestCase.settings = settings(
+    max_examples=150, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+TestPatchModel = PatchModel.TestCase
