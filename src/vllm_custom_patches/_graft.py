@@ -78,19 +78,19 @@ def rebind(member: object, owner: type) -> object:
         new_func = rebind(func, owner)
         if new_func is func:
             return member
-        wrapper = type(member)(new_func)
+        wrapper = type(member)(new_func)  # type: ignore[arg-type]
         _copy_instance_dict(member, wrapper)
         return wrapper
     if type(member) is property:
         accessors = [rebind(f, owner) if f is not None else None for f in (member.fget, member.fset, member.fdel)]
         if all(new is old for new, old in zip(accessors, (member.fget, member.fset, member.fdel))):
             return member
-        return property(*accessors, member.__doc__)
+        return property(*accessors, member.__doc__)  # type: ignore[arg-type,call-arg]
     if type(member) is functools.cached_property:
         new_func = rebind(member.func, owner)
         if new_func is member.func:
             return member
-        copy = functools.cached_property(new_func)
+        copy: functools.cached_property[Any] = functools.cached_property(new_func)  # type: ignore[arg-type]
         copy.__doc__ = member.__doc__
         return copy
     return member

@@ -85,7 +85,7 @@ class VLLMPatch(Generic[_T]):
             )
         spec = check_target_spec(target)
         label = target.__qualname__ if isinstance(target, type) else target
-        binding = type(cls)(
+        binding: type[VLLMPatch[Any]] = type(cls)(  # type: ignore[misc]
             f"VLLMPatch[{label}]",
             (cls,),
             {"__module__": cls.__module__, "_vcp_target": spec, "_vcp_binding": True},

@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import importlib_metadata
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
@@ -37,7 +37,7 @@ __all__ = [
 
 ENV_VLLM_VERSION = "VLLM_CUSTOM_PATCHES_VLLM_VERSION"
 
-_P = TypeVar("_P", bound="type[VLLMPatch]")
+_P = TypeVar("_P", bound="type[VLLMPatch[Any]]")
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,8 @@ def _installed_vllm_version() -> VLLMVersion:
             continue
     module = sys.modules.get("vllm")
     if module is None and importlib.util.find_spec("vllm") is not None:
-        import vllm as module  # no metadata at all: only vLLM itself can tell
+        # No metadata at all: only vLLM itself can tell.
+        module = importlib.import_module("vllm")
     if module is None:
         return VLLMVersion(None, "vllm is not installed")
     raw = getattr(module, "__version__", None)
