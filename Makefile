@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEV_STAMP := $(VENV)/.vcp-dev.stamp
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup vllm demo test test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,17 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 
 setup: $(DEV_STAMP)
 
+# Real vLLM (CPU build) and what it needs; the script skips when its inputs are unchanged.
+vllm: setup
+	scripts/install-vllm.sh $(VENV)
+
 demo: setup
 	$(BIN)/python examples/quickstart.py
 
-test: setup
+test: vllm
 	$(BIN)/python -m pytest
 
-test-fast: setup
+test-fast: vllm
 	$(BIN)/python -m pytest -m "not slow"
 
 clean:
