@@ -15,6 +15,7 @@ __all__ = [
     "PatchConflictError",
     "PatchDefinitionError",
     "PatchError",
+    "PatchLoadError",
     "PatchTargetError",
     "PatchVersionError",
     "UnknownPatchError",
@@ -39,6 +40,15 @@ class PatchConflictError(PatchError):
 
 class PatchVersionError(PatchError):
     """The installed vLLM version does not satisfy the patch's version gate."""
+
+
+class PatchLoadError(PatchError):
+    """A module that should define patches failed to import; see ``__cause__``.
+
+    Raised for an entry point of the ``vllm_custom_patches`` group and for a
+    file in ``VLLM_CUSTOM_PATCHES_PATH``.  Deliberately not an ``ImportError``:
+    code that tolerates a missing optional module must not swallow it.
+    """
 
 
 class PatchApplyError(PatchError):

@@ -438,7 +438,7 @@ def _preview(spec: PatchSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 def _subclasses(cls: type) -> Iterator[type]:
     seen: set[type] = set()
-    stack = list(type.__subclasses__(cls))
+    stack: list[type] = list(type.__subclasses__(cls))
     while stack:
         sub = stack.pop()
         if sub not in seen:

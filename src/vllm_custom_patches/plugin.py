@@ -1,0 +1,100 @@
+"""The vLLM general plugin: applies the patches ``VLLM_CUSTOM_PATCHES`` selects.
+
+vLLM calls :func:`register` through the ``vllm.general_plugins`` entry point
+``custom_patches`` in every process it starts (API server, EngineCore, each
+worker; spawned or forked), so every process applies the same patches.
+
+Importing this module and calling :func:`register` with ``VLLM_CUSTOM_PATCHES``
+unset or empty costs an environment lookup: no vLLM module, no entry-point
+scan, no import hook.  If ``VLLM_PLUGINS`` is set, vLLM loads only the general
+plugins it lists (exact, comma-separated, no spaces): include
+``custom_patches`` there.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from ._log import logger
+from ._selection import ENV_PATCHES
+
+if TYPE_CHECKING:
+    from ._activation import Epoch
+
+__all__ = ["register"]
+
+
+class _State:
+    def __init__(self) -> None:
+        self.done = False
+        self.running = False
+        self.error: BaseException | None = None
+        self.epoch: Epoch | None = None
+
+
+# Re-entrant: loading a patch module may import vLLM, whose start-up calls
+# load_general_plugins() -> register() again on this thread; that inner call
+# must return, not deadlock.
+_lock = threading.RLock()
+_state = _State()
+
+
+def register() -> None:
+    """Apply the patches selected by ``VLLM_CUSTOM_PATCHES`` in this process.
+
+    Called by vLLM in each of its processes.  Only the first call in a process
+    does anything; later calls change nothing (a forked child inherits the
+    parent's patched classes, and with them the record that this ran).  If
+    the first call raised, later calls raise the same error, so a process
+    cannot carry on as if its patches were in place.
+
+    Raises a :class:`~vllm_custom_patches.PatchError` subclass in strict mode
+    (the default) if a patch named explicitly cannot be applied or a setting is
+    invalid; the message names the variable and the fix.
+    """
+    with _lock:
+        if _state.done or _state.running:
+            if _state.error is not None:
+                raise _state.error
+            return
+        if not os.environ.get(ENV_PATCHES, "").strip():
+            _state.done = True
+            logger.debug("vllm-custom-patches [pid %d]: %s is not set; no patch selected", os.getpid(), ENV_PATCHES)
+            return
+        _state.running = True
+        try:
+            from ._activation import Epoch, activate
+
+            _state.epoch = Epoch()
+            activate(os.environ, _state.epoch)
+        except BaseException as exc:
+            _state.error = exc
+            raise
+        finally:
+            _state.running = False
+            _state.done = True
+
+
+def _reset_for_tests() -> None:
+    """Forget that :func:`register` ran, and silence the import hooks it left.
+
+    For tests only: patches stay applied (roll them back with the manager).
+    """
+    global _state
+    with _lock:
+        if _state.epoch is not None:
+            _state.epoch.active = False
+        _state = _State()
+
+
+def _after_fork_in_child() -> None:
+    # A fork while another thread held the lock would leave the child's copy
+    # locked forever; the child is single-threaded, so a fresh lock is safe.
+    global _lock
+    _lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
