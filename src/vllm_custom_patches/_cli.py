@@ -1,0 +1,195 @@
+"""``vllm-custom-patches``: see which patches exist and find out why one will not apply.
+
+    vllm-custom-patches list             # every patch this environment can see
+    vllm-custom-patches check [NAME...]  # try them against the installed vLLM, then roll back
+    vllm-custom-patches version          # the vLLM version the gates compare
+
+``--json`` gives machine-readable output.  ``check`` exits 1 if any checked
+patch would fail, which makes it usable as a container health gate before
+``vllm serve``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ._discovery import ENV_PATH, find_entry_points, load_path
+from ._errors import PatchError, PatchVersionError
+from ._manager import PatchManager
+from ._patch import VLLMPatch
+from ._selection import ENV_PATCHES, parse_selection
+from ._versions import detect_vllm_version
+from .testing import isolated_registry
+
+
+@dataclass
+class _Row:
+    name: str
+    source: str
+    target: str = ""
+    versions: str = ""
+    result: str = ""
+    """ok / skipped / failed (check), or loaded / not loaded / failed (list)."""
+    reason: str = ""
+    overrides: list[str] = field(default_factory=list)
+    additions: list[str] = field(default_factory=list)
+    description: str = ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vllm-custom-patches", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("list", help="list every patch this environment can see")
+    listing.add_argument("--no-import", action="store_true", help="do not import patch modules (names only)")
+    check = commands.add_parser("check", help="apply patches in a scratch registry, report, roll back")
+    check.add_argument(
+        "names", nargs="*", help=f"patches to check, in order (default: ${ENV_PATCHES}, or all if unset)"
+    )
+    commands.add_parser("version", help="the detected vLLM version")
+    for sub in (listing, check, commands.choices["version"]):
+        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+
+    if args.command == "version":
+        detected = detect_vllm_version()
+        release = detected.release
+        info = {"version": detected.raw, "source": detected.source, "release": str(release) if release else None}
+        print(json.dumps(info) if args.json else f"vLLM {detected}; gates compare release {info['release']}")
+        return 0
+    with isolated_registry():
+        try:
+            rows = _list(import_modules=not args.no_import) if args.command == "list" else _check(args.names)
+        except PatchError as exc:
+            print(f"vllm-custom-patches: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            PatchManager.rollback_all()
+    if args.json:
+        print(json.dumps({"vllm": detect_vllm_version().raw, "patches": [asdict(row) for row in rows]}, indent=2))
+    else:
+        _print_table(rows)
+    return 1 if any(row.result == "failed" for row in rows) else 0
+
+
+def _sources(import_modules: bool) -> tuple[dict[str, str], dict[str, type[VLLMPatch[Any]] | PatchError]]:
+    """Every visible patch name -> where it comes from, and (if imported) its class or load error."""
+    sources: dict[str, str] = {}
+    loaded: dict[str, type[VLLMPatch[Any]] | PatchError] = {}
+    for name in PatchManager.names():
+        sources[name] = "this program"
+        loaded[name] = PatchManager.get(name)
+    path_value = os.environ.get(ENV_PATH, "")
+    if path_value.strip():
+        before = set(PatchManager.names())
+        result = load_path(path_value)
+        for name in PatchManager.names():
+            if name not in before:
+                sources[name] = f"{ENV_PATH} ({PatchManager.get(name).__module__})"
+                loaded[name] = PatchManager.get(name)
+        for module, error in result.failed.items():
+            sources[module] = f"{ENV_PATH} file"
+            loaded[module] = error
+        for refused in result.refused:
+            sources[str(refused).split(":")[0]] = ENV_PATH
+            loaded[str(refused).split(":")[0]] = refused
+    for name, entry_point in sorted(find_entry_points().items()):
+        dists = ", ".join(sorted({ep.dist.name if ep.dist else "?" for ep in entry_point.declared}))
+        sources.setdefault(name, f"entry point ({dists})")
+        if import_modules and name not in loaded:
+            try:
+                loaded[name] = entry_point.load()
+            except PatchError as exc:
+                loaded[name] = exc
+    return sources, loaded
+
+
+def _describe(row: _Row, patch_cls: type[VLLMPatch[Any]]) -> None:
+    spec = patch_cls._vcp_spec
+    gate = patch_cls._vcp_gate
+    row.target = spec.target_label
+    row.versions = str(gate) if gate is not None else ""
+    row.description = spec.description.split("\n")[0]
+
+
+def _list(import_modules: bool) -> list[_Row]:
+    sources, loaded = _sources(import_modules)
+    rows = []
+    for name, source in sources.items():
+        row = _Row(name, source)
+        found = loaded.get(name)
+        if isinstance(found, PatchError):
+            row.result, row.reason = "failed", str(found)
+        elif found is not None:
+            row.result = "loaded"
+            _describe(row, found)
+        else:
+            row.result = "not imported"
+        rows.append(row)
+    return rows
+
+
+def _check(names: list[str]) -> list[_Row]:
+    sources, loaded = _sources(import_modules=False)
+    if not names:
+        selection = parse_selection(os.environ.get(ENV_PATCHES))
+        if selection.empty or selection.all:
+            names = [*selection.names, *(n for n in sorted(sources) if n not in selection.names and n not in selection.excluded)]
+        else:
+            names = list(selection.names)
+    entry_points = find_entry_points()
+    rows = []
+    for name in names:
+        row = _Row(name, sources.get(name, "unknown"))
+        rows.append(row)
+        try:
+            found = loaded.get(name)
+            if isinstance(found, PatchError):
+                raise found
+            patch_cls = found if found is not None else (
+                entry_points[name].load() if name in entry_points else PatchManager.get(name)
+            )
+            _describe(row, patch_cls)
+            PatchManager.apply(patch_cls)
+        except PatchVersionError as exc:
+            row.result, row.reason = "skipped", str(exc)
+        except PatchError as exc:
+            row.result, row.reason = "failed", str(exc)
+        else:
+            (status,) = [s for s in PatchManager.status() if s.name == patch_cls.name]
+            row.result = "ok"
+            row.overrides, row.additions = list(status.overrides), list(status.additions)
+    return rows
+
+
+def _print_table(rows: list[_Row]) -> None:
+    print(f"vLLM: {detect_vllm_version()}")
+    if not rows:
+        print("no patches found")
+        return
+    width = max(len(row.name) for row in rows)
+    for row in rows:
+        detail = row.reason
+        if row.result in ("ok", "loaded"):
+            parts = [row.target]
+            if row.versions:
+                parts.append(f"vLLM {row.versions}")
+            if row.overrides:
+                parts.append("overrides " + ", ".join(row.overrides))
+            if row.additions:
+                parts.append("adds " + ", ".join(row.additions))
+            detail = "; ".join(parts)
+        print(f"{row.name:<{width}}  {row.result.upper():<12}  {row.source}")
+        if detail:
+            print(f"{'':<{width}}  {detail}")
+    failed = sum(row.result == "failed" for row in rows)
+    print(f"{len(rows)} patch(es), {failed} failed")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
