@@ -32,3 +32,14 @@ test-fast: vllm
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+# Benchmarks (see benchmarks/): needs the 'bench' extra on top of the dev install.
+BENCH_STAMP := $(VENV)/.vcp-bench.stamp
+
+$(BENCH_STAMP): pyproject.toml | $(DEV_STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
+	touch $@
+
+.PHONY: bench
+bench: setup $(BENCH_STAMP)
+	$(BIN)/python benchmarks/run.py
