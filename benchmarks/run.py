@@ -29,6 +29,7 @@ SECTIONS: dict[str, str] = {
     # name -> module in this package, in the order they run.
     "percall": "benchmarks.percall",
     "throughput": "benchmarks.throughput",
+    "startup": "benchmarks.startup",
 }
 
 
