@@ -21,8 +21,8 @@ setup: $(DEV_STAMP)
 vllm: setup
 	scripts/install-vllm.sh $(VENV)
 
-demo: setup
-	$(BIN)/python examples/quickstart.py
+demo: vllm
+	$(BIN)/python examples/scheduler_demo.py
 
 test: vllm
 	$(BIN)/python -m pytest

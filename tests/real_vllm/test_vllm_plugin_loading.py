@@ -1,0 +1,87 @@
+"""``vllm.plugins.load_general_plugins()`` in a fresh process applies what ``VLLM_CUSTOM_PATCHES`` names.
+
+Each case is a new interpreter that does what vLLM does at the start of each
+of its processes (load the general plugins), then imports the scheduler
+module as the EngineCore would.  The cases run side by side (about 10 s each,
+mostly ``import vllm``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from _engine import Child, start_child
+
+pytestmark = pytest.mark.vllm
+
+SPF = "vllm_custom_patches_catalogue.shortest_prompt_first"
+FAIR = "vllm_custom_patches_catalogue.fair_share"
+TRACE = "vllm_custom_patches_catalogue.scheduler_trace"
+
+CASES: dict[str, dict[str, str]] = {
+    "named": {"VLLM_CUSTOM_PATCHES": "shortest_prompt_first, scheduler_trace", "trace": "1"},
+    "star": {"VLLM_CUSTOM_PATCHES": "*", "trace": "1"},
+    "missing_trace_file": {"VLLM_CUSTOM_PATCHES": "scheduler_trace"},
+    "bad_setting": {"VLLM_CUSTOM_PATCHES": "shortest_prompt_first", "VLLM_CUSTOM_PATCHES_SPF_MAX_WAIT_S": "soon"},
+    "unknown_name": {"VLLM_CUSTOM_PATCHES": "shortest_promt_first"},
+}
+
+
+@pytest.fixture(scope="module")
+def results(vllm_workspace: Any) -> dict[str, dict[str, Any]]:
+    children: dict[str, Child] = {}
+    for case, settings in CASES.items():
+        workdir = vllm_workspace.dir(f"plugins-{case}")
+        extra = {k: v for k, v in settings.items() if k.startswith("VLLM_")}
+        if settings.get("trace"):
+            extra["VLLM_CUSTOM_PATCHES_TRACE_FILE"] = str(workdir / "trace.jsonl")
+        children[case] = start_child("plugins", {}, vllm_workspace.env(**extra), workdir)
+    return {case: child.result(timeout=240) for case, child in children.items()}
+
+
+def test_named_patches_wait_for_the_scheduler_module_then_apply(results: dict[str, dict[str, Any]]) -> None:
+    result = results["named"]
+    assert "error" not in result, result.get("error")
+    before, after = result["after_plugins"], result["after_import"]
+    if not result["scheduler_imported_by_plugins"]:
+        # The plugin never imports the target itself: it waits for vLLM to.
+        assert before["shortest_prompt_first"]["state"] == "pending"
+        assert before["scheduler_trace"]["state"] == "pending"
+    assert after["shortest_prompt_first"]["state"] == "applied"
+    assert after["scheduler_trace"]["state"] == "applied"
+    assert "fair_share" not in after  # not selected: its module was never imported
+    assert result["applied"] == ["shortest_prompt_first", "scheduler_trace"]
+    assert result["scheduler_members"] == {"__init__": SPF, "schedule": SPF, "_update_after_schedule": TRACE}
+
+
+def test_star_applies_what_can_be_applied_and_skips_the_conflicting_policy(results: dict[str, dict[str, Any]]) -> None:
+    result = results["star"]
+    assert "error" not in result, result.get("error")
+    after = result["after_import"]
+    # '*' takes patches in name order: fair_share owns Scheduler.schedule first,
+    # so shortest_prompt_first (best effort under '*') is skipped with the conflict.
+    assert result["applied"] == ["fair_share", "scheduler_trace"]
+    assert after["shortest_prompt_first"]["state"] == "skipped"
+    assert "conflicts with applied patch 'fair_share'" in after["shortest_prompt_first"]["reason"]
+    assert result["scheduler_members"] == {"__init__": FAIR, "schedule": FAIR, "_update_after_schedule": TRACE}
+
+
+@pytest.mark.parametrize(
+    ("case", "error_type", "words"),
+    [
+        ("missing_trace_file", "PatchConfigError", ["needs VLLM_CUSTOM_PATCHES_TRACE_FILE"]),
+        ("bad_setting", "PatchConfigError", ["VLLM_CUSTOM_PATCHES_SPF_MAX_WAIT_S='soon'", "positive number"]),
+        ("unknown_name", "UnknownPatchError", ["shortest_promt_first", "Did you mean 'shortest_prompt_first'?"]),
+    ],
+)
+def test_a_misconfigured_process_fails_its_start_up(
+    results: dict[str, dict[str, Any]], case: str, error_type: str, words: list[str]
+) -> None:
+    result = results[case]
+    assert "error" in result, f"{case}: start-up did not fail: {result}"
+    assert result["error"]["type"] == error_type
+    assert "PatchError" in result["error"]["mro"]
+    for word in words:
+        assert word in result["error"]["message"]
+    assert result["applied"] == []

@@ -1,0 +1,199 @@
+"""The catalogue patches against the real vLLM V1 ``Scheduler`` class (no engine started)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import pytest
+from packaging.specifiers import SpecifierSet
+
+# Imported at collection time, so the patches are registered before the
+# registry isolation of each test (tests/conftest.py) takes its copy.
+from vllm_custom_patches_catalogue import fair_share, scheduler_trace, shortest_prompt_first
+
+from vllm_custom_patches import (
+    PatchConfigError,
+    PatchConflictError,
+    PatchManager,
+    PatchState,
+    PatchVersionError,
+)
+from vllm_custom_patches.testing import snapshot_namespace
+
+pytestmark = pytest.mark.vllm
+
+CATALOGUE = {
+    "shortest_prompt_first": (shortest_prompt_first.ShortestPromptFirst, {"__init__", "schedule"}),
+    "fair_share": (fair_share.FairShare, {"__init__", "schedule"}),
+    "scheduler_trace": (scheduler_trace.SchedulerTrace, {"_update_after_schedule"}),
+}
+
+
+@pytest.fixture
+def classes(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[type, type]:
+    monkeypatch.setenv("VLLM_CUSTOM_PATCHES_TRACE_FILE", str(tmp_path / "trace.jsonl"))
+    for name in ("VLLM_CUSTOM_PATCHES_SPF_MAX_WAIT_S", "VLLM_CUSTOM_PATCHES_FAIR_SHARE_KEY",
+                 "VLLM_CUSTOM_PATCHES_FAIR_SHARE_WEIGHTS", "VLLM_CUSTOM_PATCHES_VLLM_VERSION"):  # fmt: skip
+        monkeypatch.delenv(name, raising=False)
+    from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    return Scheduler, AsyncScheduler
+
+
+@pytest.mark.parametrize("name", sorted(CATALOGUE))
+def test_each_patch_applies_to_and_rolls_back_from_the_real_scheduler_exactly(
+    classes: tuple[type, type], name: str
+) -> None:
+    scheduler, async_scheduler = classes
+    patch, overrides = CATALOGUE[name]
+    before, before_async = snapshot_namespace(scheduler), snapshot_namespace(async_scheduler)
+    originals = {member: vars(scheduler)[member] for member in overrides}
+
+    assert patch.apply() is True
+    status = next(s for s in PatchManager.status() if s.name == name)
+    assert status.state is PatchState.APPLIED
+    assert set(status.overrides) == overrides
+    assert status.target == "vllm.v1.core.sched.scheduler:Scheduler"
+    assert SpecifierSet(status.versions) == SpecifierSet(">=0.32,<0.34")
+    for member in overrides:
+        assert vars(scheduler)[member] is not originals[member]
+        assert vars(scheduler)[f"_original_{member}"] is originals[member]
+    # AsyncScheduler (used with async scheduling) gets the patch through inheritance.
+    assert before_async.changes() == []
+
+    assert patch.rollback() is True
+    before.assert_unchanged()
+    before_async.assert_unchanged()
+    assert not patch.is_applied()
+
+
+@pytest.mark.parametrize("policy", ["shortest_prompt_first", "fair_share"])
+def test_a_policy_and_the_trace_combine_and_roll_back_exactly(classes: tuple[type, type], policy: str) -> None:
+    scheduler, _ = classes
+    before = snapshot_namespace(scheduler)
+    PatchManager.apply(policy)
+    PatchManager.apply("scheduler_trace")
+    assert PatchManager.applied()[-2:] == [policy, "scheduler_trace"]
+    PatchManager.rollback_all()
+    before.assert_unchanged()
+
+
+def test_two_policies_conflict_and_the_second_changes_nothing(classes: tuple[type, type]) -> None:
+    scheduler, _ = classes
+    before = snapshot_namespace(scheduler)
+    shortest_prompt_first.ShortestPromptFirst.apply()
+    with_spf = snapshot_namespace(scheduler)
+    with pytest.raises(PatchConflictError, match="shortest_prompt_first"):
+        fair_share.FairShare.apply()
+    with_spf.assert_unchanged()
+    shortest_prompt_first.ShortestPromptFirst.rollback()
+    before.assert_unchanged()
+
+
+@pytest.mark.parametrize(
+    ("name", "variable", "value", "message"),
+    [
+        ("shortest_prompt_first", "VLLM_CUSTOM_PATCHES_SPF_MAX_WAIT_S", "soon", "positive number of seconds"),
+        ("shortest_prompt_first", "VLLM_CUSTOM_PATCHES_SPF_MAX_WAIT_S", "-1", "positive number of seconds"),
+        ("fair_share", "VLLM_CUSTOM_PATCHES_FAIR_SHARE_WEIGHTS", "gold=3,silver=0", "weight > 0"),
+        ("fair_share", "VLLM_CUSTOM_PATCHES_FAIR_SHARE_WEIGHTS", "gold", "TENANT=WEIGHT"),
+        ("scheduler_trace", "VLLM_CUSTOM_PATCHES_TRACE_FILE", "", "needs VLLM_CUSTOM_PATCHES_TRACE_FILE"),
+        ("scheduler_trace", "VLLM_CUSTOM_PATCHES_TRACE_FILE", "/nonexistent-dir/t.jsonl", "cannot open"),
+    ],
+)
+def test_a_bad_setting_fails_the_apply_and_changes_nothing(
+    classes: tuple[type, type], monkeypatch: pytest.MonkeyPatch, name: str, variable: str, value: str, message: str
+) -> None:
+    scheduler, _ = classes
+    monkeypatch.setenv(variable, value)
+    before = snapshot_namespace(scheduler)
+    with pytest.raises(PatchConfigError, match=message) as info:
+        PatchManager.apply(name)
+    assert variable in str(info.value)
+    before.assert_unchanged()
+    status = next(s for s in PatchManager.status() if s.name == name)
+    assert status.state is PatchState.FAILED
+
+
+def test_settings_are_read_when_the_patch_is_applied(classes: tuple[type, type], monkeypatch: pytest.MonkeyPatch) -> None:
+    scheduler, _ = classes
+    monkeypatch.setenv("VLLM_CUSTOM_PATCHES_SPF_MAX_WAIT_S", "12.5")
+    shortest_prompt_first.ShortestPromptFirst.apply()
+    assert scheduler._spf_settings.max_wait_s == 12.5  # type: ignore[attr-defined]
+    monkeypatch.setenv("VLLM_CUSTOM_PATCHES_SPF_MAX_WAIT_S", "3")
+    assert scheduler._spf_settings.max_wait_s == 12.5  # type: ignore[attr-defined]
+    shortest_prompt_first.ShortestPromptFirst.rollback()
+    shortest_prompt_first.ShortestPromptFirst.apply()
+    assert scheduler._spf_settings.max_wait_s == 3.0  # type: ignore[attr-defined]
+
+
+def test_the_version_gate_refuses_other_vllm_versions(classes: tuple[type, type], monkeypatch: pytest.MonkeyPatch) -> None:
+    scheduler, _ = classes
+    before = snapshot_namespace(scheduler)
+    monkeypatch.setenv("VLLM_CUSTOM_PATCHES_VLLM_VERSION", "0.34.0")
+    for name in CATALOGUE:
+        with pytest.raises(PatchVersionError, match=r"<0.34,>=0.32|>=0.32,<0.34"):
+            PatchManager.apply(name)
+    before.assert_unchanged()
+
+
+# -- the policies' ordering on real vLLM Request objects ---------------------------
+
+
+def _request(request_id: str, length: int, *, tenant: str | None = None, arrival: float | None = None) -> Any:
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    params = SamplingParams(max_tokens=4, extra_args={"tenant": tenant} if tenant is not None else None)
+    return Request(request_id, list(range(1, length + 1)), params, None, arrival_time=arrival)
+
+
+def test_shortest_prompt_first_orders_real_requests() -> None:
+    now = time.time()
+    queue = [_request("a", 30, arrival=now - 3), _request("b", 5, arrival=now - 2),
+             _request("c", 12, arrival=now - 1), _request("d", 5, arrival=now)]  # fmt: skip
+    order = shortest_prompt_first.spf_order(queue, now=now, max_wait_s=None)
+    assert [r.request_id for r in order] == ["b", "d", "c", "a"]
+    # With an anti-starvation bound of 2.5 s, "a" (waiting 3 s) goes first.
+    order = shortest_prompt_first.spf_order(queue, now=now, max_wait_s=2.5)
+    assert [r.request_id for r in order] == ["a", "b", "d", "c"]
+
+
+def test_reordering_keeps_vllms_queue_object() -> None:
+    from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+
+    from vllm_custom_patches_catalogue._queue import reorder_in_place
+
+    queue = FCFSRequestQueue([_request("a", 30), _request("b", 5)])
+    same = queue
+    reorder_in_place(queue, shortest_prompt_first.spf_order(queue, now=time.time(), max_wait_s=None))
+    assert queue is same and [r.request_id for r in queue] == ["b", "a"]
+    assert queue.peek_request().request_id == "b"
+
+
+def test_fair_share_interleaves_real_requests_of_two_tenants() -> None:
+    queue = [_request(f"{t}{i}", 8, tenant=t) for t in "ab" for i in range(3)]
+    settings = fair_share.FairShareSettings()
+    order = fair_share.FairShareLedger().order(queue, [], settings)
+    assert [r.request_id for r in order] == ["a0", "b0", "a1", "b1", "a2", "b2"]
+    assert fair_share.tenant_of(_request("x", 3)) == fair_share.DEFAULT_TENANT
+    assert fair_share.remaining_work(queue[0]) == 8 + 4 - 1
+
+
+def test_the_policies_refuse_a_priority_queue() -> None:
+    from types import SimpleNamespace
+
+    from vllm.v1.core.sched.request_queue import SchedulingPolicy, create_request_queue
+
+    from vllm_custom_patches_catalogue._queue import require_fcfs_queue
+
+    fcfs = SimpleNamespace(waiting=create_request_queue(SchedulingPolicy.FCFS), policy=SchedulingPolicy.FCFS)
+    require_fcfs_queue(fcfs, "shortest_prompt_first")
+    assert isinstance(fcfs.waiting, deque)
+    prio = SimpleNamespace(waiting=create_request_queue(SchedulingPolicy.PRIORITY), policy=SchedulingPolicy.PRIORITY)
+    with pytest.raises(PatchConfigError, match="'priority'.*--scheduling-policy fcfs"):
+        require_fcfs_queue(prio, "shortest_prompt_first")
