@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,11 +51,16 @@ def _fake_site(tmp_path: Path, dist: str | None, version: str, module_version: s
 
 
 @pytest.fixture
-def isolated_path(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+def isolated_path(monkeypatch: pytest.MonkeyPatch) -> Iterator[pytest.MonkeyPatch]:
+    """sys.path and sys.modules without the real vLLM; the fake one a test imports is dropped after."""
     monkeypatch.delenv(ENV_VLLM_VERSION, raising=False)
     for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
         monkeypatch.delitem(sys.modules, name)
-    return monkeypatch
+    # Detection imports it lazily; the tests replace sys.path, so import it first.
+    importlib.import_module("importlib_metadata")
+    yield monkeypatch
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        del sys.modules[name]  # monkeypatch then restores the real ones it removed
 
 
 def test_reads_metadata_of_a_distribution_named_vllm(tmp_path: Path, isolated_path: pytest.MonkeyPatch) -> None:

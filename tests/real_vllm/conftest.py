@@ -8,7 +8,6 @@ slow"`` leaves out the ones that start engines and servers.
 
 from __future__ import annotations
 
-import importlib.machinery
 import importlib.util
 import os
 import shutil
@@ -23,24 +22,7 @@ import pytest
 SKIP_ENV = "VCP_SKIP_VLLM"
 
 
-def _forget_stale_vllm() -> None:
-    """Drop ``vllm`` modules that are not the installed vLLM (left by tests that import fakes).
-
-    A test that puts a fake ``vllm`` package on ``sys.path`` and imports it
-    leaves it in ``sys.modules``; ``import vllm.v1...`` would then fail here.
-    """
-    module = sys.modules.get("vllm", False)
-    if module is False:
-        return
-    real = importlib.machinery.PathFinder.find_spec("vllm")
-    if module is not None and real is not None and getattr(module, "__file__", None) == real.origin:
-        return
-    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
-        del sys.modules[name]
-
-
 def _vllm_missing() -> str | None:
-    _forget_stale_vllm()
     try:
         spec = importlib.util.find_spec("vllm")
     except (ImportError, ValueError) as exc:
