@@ -90,10 +90,15 @@ def test_check_defaults_to_the_env_selection_and_succeeds(patch_dir: Path) -> No
     assert "1 patch(es), 0 failed" in result.stdout
 
 
-def test_check_version_gate_shows_as_skipped(patch_dir: Path) -> None:
-    result = _run(["check", "GoodStep", "--json"], patch_dir, VLLM_CUSTOM_PATCHES_VLLM_VERSION="0.0.9")
-    (row,) = json.loads(result.stdout)["patches"]
-    assert row["result"] == "skipped" and "requires vLLM >=0.1" in row["reason"]
+def test_version_gate_fails_a_named_patch_and_skips_one_taken_in_by_star(patch_dir: Path) -> None:
+    named = _run(["check", "GoodStep", "--json"], patch_dir, VLLM_CUSTOM_PATCHES_VLLM_VERSION="0.0.9")
+    (row,) = json.loads(named.stdout)["patches"]
+    assert named.returncode == 1
+    assert row["result"] == "failed" and "requires vLLM >=0.1" in row["reason"]
+    star = _run(["check", "--json"], patch_dir, VLLM_CUSTOM_PATCHES="*", VLLM_CUSTOM_PATCHES_VLLM_VERSION="0.0.9")
+    rows = {row["name"]: row for row in json.loads(star.stdout)["patches"]}
+    assert rows["GoodStep"]["result"] == "skipped"
+    assert rows["Misspelt"]["result"] == "skipped" and "@override" in rows["Misspelt"]["reason"]
 
 
 def test_unknown_name_in_check_suggests_the_closest(patch_dir: Path) -> None:
