@@ -97,3 +97,65 @@ def test_threads_applying_and_rolling_back_overlapping_patches_stay_consistent()
     assert Shared().b() == ("B" if "OnB" in applied else "b")
     PatchManager.rollback_all()
     before.assert_unchanged()
+
+
+class Second:
+    def x(self) -> int:
+        return 0
+
+    def y(self) -> int:
+        return 0
+
+
+def test_overlapping_patch_sets_over_two_targets_with_rollback_all_agree_with_the_registry() -> None:
+    before = {cls: snapshot_namespace(cls) for cls in (Shared, Second)}
+    patches = [
+        type(f"Overlap{i}", (VLLMPatch[target],), {name: (lambda self, i=i: i) for name in names})
+        for i, (target, names) in enumerate(
+            [(Shared, ["a"]), (Shared, ["a", "b"]), (Shared, ["b"]), (Second, ["x"]), (Second, ["x", "y"]), (Second, ["y"])]
+        )
+    ]
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(6)
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        barrier.wait()
+        for _ in range(200):
+            roll = rng.random()
+            try:
+                if roll < 0.05:
+                    PatchManager.rollback_all()
+                elif roll < 0.55:
+                    rng.choice(patches).apply()
+                else:
+                    rng.choice(patches).rollback()
+            except PatchConflictError:
+                pass
+            except BaseException as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "deadlock"
+    assert errors == []
+    # The registry and the classes agree: every applied patch's members are there, and nothing else.
+    owners = {}
+    for name in PatchManager.applied():
+        patch = PatchManager.get(name)
+        for member in patch._vcp_spec.members:
+            target = patch._vcp_spec.target
+            assert (target, member) not in owners, "two applied patches own one member"
+            owners[(target, member)] = name
+            assert getattr(target(), member)() == int(name.removeprefix("Overlap"))
+    for target, names in ((Shared, "ab"), (Second, "xy")):
+        for member in names:
+            if (target, member) not in owners:
+                assert member not in vars(target) or vars(target)[member] is before[target].entries[member]
+                assert f"_original_{member}" not in vars(target)
+    PatchManager.rollback_all()
+    for snapshot in before.values():
+        snapshot.assert_unchanged()
