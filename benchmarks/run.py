@@ -30,6 +30,7 @@ SECTIONS: dict[str, str] = {
     "percall": "benchmarks.percall",
     "throughput": "benchmarks.throughput",
     "startup": "benchmarks.startup",
+    "engine": "benchmarks.engine",
 }
 
 
