@@ -379,6 +379,20 @@ def test_strict_failure_when_the_target_is_imported_fails_that_import(monkeypatc
     assert states()["pg_missing_class"][0] is PatchState.FAILED
 
 
+def test_strict_failure_at_import_rolls_back_the_patches_that_waited_with_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    define_patches()
+    _patch_on_missing_class()
+    select(monkeypatch, "pe_late,pg_missing_class")
+    plugin.register()
+    with pytest.raises(PatchTargetError, match="NoSuchClass"):
+        import vcp_late_target  # noqa: F401
+    # The failed import took the module (and the class pe_late had patched) out of
+    # sys.modules: nothing may still claim to be applied to it.
+    assert LATE not in sys.modules
+    assert PatchManager.applied() == []
+    assert states()["pe_late"] == (PatchState.FAILED, "rolled back: patch 'pg_missing_class' failed on the same import")
+
+
 @pytest.mark.parametrize(
     ("value", "strict", "state"), [("pg_missing_class", "0", PatchState.FAILED), ("*", "1", PatchState.SKIPPED)]
 )

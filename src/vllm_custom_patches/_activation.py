@@ -241,6 +241,7 @@ def _on_import(group: list[_Candidate], strict: bool, value: str, epoch: Epoch, 
         return
     pid = os.getpid()
     failed: list[tuple[str, PatchError]] = []
+    applied: list[_Candidate] = []
     for candidate in group:
         try:
             applied_now = PatchManager.apply(candidate.patch)
@@ -255,9 +256,19 @@ def _on_import(group: list[_Candidate], strict: bool, value: str, epoch: Epoch, 
                 )
         else:
             if applied_now:
+                applied.append(candidate)
                 logger.info(PREFIX + ": applied pending patch %r on import of %s", pid, candidate.name, module.__name__)
     if failed:
         if strict:
+            # The failed import drops the module from sys.modules, and with it
+            # the classes just patched: roll them back so that the registry
+            # never reports as applied a patch on a class nobody can reach.
+            first = failed[0][0]
+            for candidate in reversed(applied):
+                PatchManager.rollback(candidate.patch)
+                PatchManager._set_outcome(
+                    candidate.name, PatchState.FAILED, f"rolled back: patch {first!r} failed on the same import"
+                )
             # Raised into the import statement: the process stops where the
             # target is first needed instead of running without its patch.
             raise _combined(failed, value)
