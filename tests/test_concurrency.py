@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import random
 import threading
+from collections.abc import Callable
 
 from vllm_custom_patches import PatchConflictError, PatchManager, VLLMPatch
 from vllm_custom_patches.testing import snapshot_namespace
+
+
+def run_threads(worker: Callable[[int], None], count: int, timeout: float = 60) -> None:
+    """Run ``worker(i)`` on ``count`` threads released together; fail on a deadlock."""
+    barrier = threading.Barrier(count)
+
+    def released(index: int) -> None:
+        barrier.wait()
+        worker(index)
+
+    threads = [threading.Thread(target=released, args=(index,)) for index in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "deadlock"
 
 
 class Shared:
@@ -34,18 +51,8 @@ def test_many_threads_apply_the_same_patch_exactly_once() -> None:
         def a(self) -> str:
             return "A"
 
-    barrier = threading.Barrier(16)
     results: list[bool] = []
-
-    def worker() -> None:
-        barrier.wait()
-        results.append(Contended.apply())
-
-    threads = [threading.Thread(target=worker) for _ in range(16)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
+    run_threads(lambda _: results.append(Contended.apply()), 16)
     assert results.count(True) == 1 and results.count(False) == 15
 
 
@@ -66,11 +73,9 @@ def test_threads_applying_and_rolling_back_overlapping_patches_stay_consistent()
 
     patches = [OnA, OnB, AlsoOnA]
     errors: list[BaseException] = []
-    barrier = threading.Barrier(8)
 
     def worker(seed: int) -> None:
         rng = random.Random(seed)
-        barrier.wait()
         for _ in range(300):
             patch = rng.choice(patches)
             try:
@@ -83,12 +88,7 @@ def test_threads_applying_and_rolling_back_overlapping_patches_stay_consistent()
             except BaseException as exc:  # anything else is a bug
                 errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "deadlock"
+    run_threads(worker, 8)
     assert errors == []
     applied = set(PatchManager.applied())
     assert not {"OnA", "AlsoOnA"} <= applied
@@ -116,11 +116,9 @@ def test_overlapping_patch_sets_over_two_targets_with_rollback_all_agree_with_th
         )
     ]
     errors: list[BaseException] = []
-    barrier = threading.Barrier(6)
 
     def worker(seed: int) -> None:
         rng = random.Random(seed)
-        barrier.wait()
         for _ in range(200):
             roll = rng.random()
             try:
@@ -135,12 +133,7 @@ def test_overlapping_patch_sets_over_two_targets_with_rollback_all_agree_with_th
             except BaseException as exc:
                 errors.append(exc)
 
-    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert not any(t.is_alive() for t in threads), "deadlock"
+    run_threads(worker, 6)
     assert errors == []
     # The registry and the classes agree: every applied patch's members are there, and nothing else.
     owners = {}
