@@ -3,8 +3,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from vllm_custom_patches.testing import isolated_registry
+
+# Timing belongs in the benchmarks: on a loaded 2-core machine a per-example
+# deadline only turns a slow example into a flaky failure.
+settings.register_profile("vcp", deadline=None)
+settings.load_profile("vcp")
 
 
 @pytest.fixture(autouse=True)
