@@ -261,7 +261,7 @@ def test_a_path_entry_that_is_not_a_directory_is_an_error(tmp_path: Path, proble
         write(entry, "")
     (error,) = load_path(str(entry)).refused
     expected = "cannot read directory" if problem == "missing" else "is not a directory"
-    assert f"VLLM_CUSTOM_PATCHES_PATH: " in str(error) and expected in str(error)
+    assert "VLLM_CUSTOM_PATCHES_PATH: " in str(error) and expected in str(error)
 
 
 def test_the_same_file_name_in_two_directories_is_refused(patch_dir: Path, tmp_path: Path) -> None:
