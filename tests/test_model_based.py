@@ -2,11 +2,18 @@
 
 After every step, ``vars()`` of every class in the hierarchy must be exactly
 (keys and object identity) what a simple model predicts; after
-``rollback_all()`` it must be identical to the start.
+``rollback_all()`` it must be identical to the start, and no member object
+may have been mutated (descriptors that learn their name included).
+
+The hierarchy has a diamond (``Join(Leaf, Side)``), members include
+descriptors with ``__set_name__``, ``cached_property`` and ``__eq__`` (whose
+class body gets an implicit ``__hash__ = None``), and patches add members to
+bases that patches on subclasses may then try to override.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Any
 
@@ -15,10 +22,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
 
 from vllm_custom_patches import PatchConflictError, PatchManager, VLLMPatch
+from vllm_custom_patches.testing import NamespaceSnapshot, snapshot_namespace
 
-_EXISTING = ["m", "s", "c", "p", "__repr__", "attr"]
+_EXISTING = ["m", "s", "c", "p", "__repr__", "__eq__", "attr"]
 _POOL = [*_EXISTING, "new1", "new2"]
-_KINDS = ["function", "staticmethod", "classmethod", "property", "value"]
+_KINDS = ["function", "staticmethod", "classmethod", "property", "value", "field", "cached"]
 _MISSING = object()
 _counter = itertools.count()
 
@@ -35,7 +43,21 @@ def _member(kind: str, tag: str) -> object:
         return classmethod(func)
     if kind == "property":
         return property(func)
+    if kind == "field":
+        return _Field()
+    if kind == "cached":
+        return functools.cached_property(func)
     return object()
+
+
+class _Field:
+    """A descriptor that learns its name, as dataclass fields and ORMs do."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: object, owner: type | None = None) -> object:
+        return self if obj is None else vars(obj).get("_" + self.name)
 
 
 class PatchModel(RuleBasedStateMachine):
@@ -51,8 +73,10 @@ class PatchModel(RuleBasedStateMachine):
         self.mid = type("Mid", (self.root,), namespace("Mid"))
         self.leaf = type("Leaf", (self.mid,), namespace("Leaf"))
         self.other = type("Other", (), namespace("Other"))
-        self.classes = [self.root, self.mid, self.leaf, self.other]
-        self.initial = {cls: dict(vars(cls)) for cls in self.classes}
+        self.side = type("Side", (self.root,), namespace("Side"))
+        self.join = type("Join", (self.leaf, self.side), namespace("Join"))
+        self.classes = [self.root, self.mid, self.leaf, self.other, self.side, self.join]
+        self.snapshots: list[NamespaceSnapshot] = [snapshot_namespace(cls) for cls in self.classes]
         self.expected = {cls: dict(vars(cls)) for cls in self.classes}
         self.owner: dict[tuple[type, str], str] = {}
         self.applied: dict[str, tuple[type, dict[str, object]]] = {}  # name -> (target, old values)
@@ -76,7 +100,15 @@ class PatchModel(RuleBasedStateMachine):
         return _MISSING
 
     def _related(self, target: type) -> list[type]:
-        return [c for c in self.classes if c is not target and (issubclass(c, target) or issubclass(target, c))]
+        """Classes that share an instance with ``target``: in the MRO of ``target`` or of a subclass."""
+        sharing = {c for d in self.classes if issubclass(d, target) for c in d.__mro__}
+        return [c for c in self.classes if c is not target and c in sharing]
+
+    def _holder(self, cls: type, name: str) -> type | None:
+        for klass in cls.__mro__:
+            if name in self.expected.get(klass, vars(klass)):
+                return klass
+        return None
 
     @rule(name=patches)
     def apply(self, name: str) -> None:
@@ -86,8 +118,11 @@ class PatchModel(RuleBasedStateMachine):
             return
         overrides = {n: self._lookup(target, n) for n in members if self._lookup(target, n) is not _MISSING}
         touched = [*members, *(f"_original_{n}" for n in overrides)]
-        conflict = any((target, n) in self.owner for n in touched) or any(
-            f"_original_{n}" in self.expected[c] for n in overrides for c in self._related(target)
+        conflict = (
+            any((target, n) in self.owner for n in touched)
+            or any(f"_original_{n}" in self.expected[c] for n in overrides for c in self._related(target))
+            # the original would be a member another patch set on a base: stacking
+            or any((self._holder(target, n), n) in self.owner for n in overrides)
         )
         if conflict:
             try:
@@ -126,8 +161,8 @@ class PatchModel(RuleBasedStateMachine):
         assert PatchManager.rollback_all() == expected_order
         for name in expected_order:
             self._forget(name)
-        for cls in self.classes:
-            assert vars(cls) == self.initial[cls]
+        for snapshot in self.snapshots:
+            snapshot.assert_unchanged()
 
     @invariant()
     def namespaces_match_the_model(self) -> None:
@@ -144,8 +179,8 @@ class PatchModel(RuleBasedStateMachine):
     def teardown(self) -> None:
         PatchManager.rollback_all()
         if hasattr(self, "classes"):
-            for cls in self.classes:
-                assert vars(cls) == self.initial[cls]
+            for snapshot in self.snapshots:
+                snapshot.assert_unchanged()
 
 
 PatchModel.TestCase.settings = settings(

@@ -8,6 +8,7 @@ the base class exactly as before.
 
 from __future__ import annotations
 
+import dis
 import functools
 import types
 from collections.abc import Iterator
@@ -33,6 +34,19 @@ def mro_lookup(cls: type, name: str) -> tuple[type, object] | None:
     return None
 
 
+def descendants(cls: type) -> list[type]:
+    """``cls`` and every class that inherits from it, each once, ``cls`` first."""
+    seen: dict[type, None] = {cls: None}
+    stack = [cls]
+    while stack:
+        subclasses: list[type] = type.__subclasses__(stack.pop())
+        for sub in subclasses:
+            if sub not in seen:
+                seen[sub] = None
+                stack.append(sub)
+    return list(seen)
+
+
 def functions_of(member: object) -> Iterator[types.FunctionType]:
     """The plain functions a member is made of (a property has up to three)."""
     if isinstance(member, (staticmethod, classmethod)):
@@ -47,12 +61,27 @@ def functions_of(member: object) -> Iterator[types.FunctionType]:
         yield member.func
 
 
+# Instructions whose argument is an attribute name.  ``co_names`` alone would
+# also hold globals: a module-level ``_original_x`` is not an attribute use.
+_ATTRIBUTE_OPS: Final = frozenset(
+    {"LOAD_ATTR", "LOAD_METHOD", "STORE_ATTR", "DELETE_ATTR", "LOAD_SUPER_ATTR"}
+)
+
+
 def attribute_names(code: types.CodeType) -> Iterator[str]:
-    """Every attribute or global name a code object (or code nested in it) loads."""
-    yield from code.co_names
+    """Every attribute name that a code object (or code nested in it) reads, writes or deletes."""
+    for nested in code_objects(code):
+        for instruction in dis.get_instructions(nested):
+            if instruction.opname in _ATTRIBUTE_OPS:
+                yield instruction.argval
+
+
+def code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
+    """``code`` and every code object nested in it (inner functions, lambdas, comprehensions)."""
+    yield code
     for const in code.co_consts:
         if isinstance(const, types.CodeType):
-            yield from attribute_names(const)
+            yield from code_objects(const)
 
 
 def is_override_marked(member: object) -> bool:
@@ -136,8 +165,14 @@ class Transaction:
         self.target = target
         self.changes: list[Change] = []
 
-    def set(self, name: str, value: object) -> None:
-        old = vars(self.target).get(name, MISSING)
+    def set(self, name: str, value: object, *, set_name: bool = True, absent_before: bool = False) -> None:
+        """Set ``name`` on the target.
+
+        ``set_name=False`` for an original kept under a new name;
+        ``absent_before=True`` to record the name as not held before (an
+        original lingering from a rollback, which this set takes over).
+        """
+        old = MISSING if absent_before else vars(self.target).get(name, MISSING)
         # Recorded before the set: a metaclass __setattr__ may store the value
         # and then raise, and undo must still take it off.
         self.changes.append(Change(name, old, value))
@@ -145,11 +180,14 @@ class Transaction:
         # What rollback must find there later is what the class really holds
         # (a metaclass may store something other than ``value``).
         self.changes[-1] = Change(name, old, vars(self.target).get(name, MISSING))
-        set_name = getattr(type(value), "__set_name__", None)
-        if set_name is not None:
+        hook = getattr(type(value), "__set_name__", None) if set_name else None
+        if hook is not None:
             # What the class statement does for a descriptor; cached_property
-            # and friends learn their attribute name and owner here.
-            set_name(value, self.target, name)
+            # and friends learn their attribute name and owner here.  Never for
+            # a kept original: it already serves its own name (``x``), and
+            # renaming it to ``_original_x`` would make it read other storage,
+            # and stay renamed after rollback.
+            hook(value, self.target, name)
 
     def undo(self) -> list[BaseException]:
         """Undo every change, last first; return the errors of those that could not be undone."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -18,7 +19,19 @@ from ._errors import (
     PatchVersionError,
     UnknownPatchError,
 )
-from ._graft import MISSING, ORIGINAL_PREFIX, Change, Transaction, is_override_marked, mro_lookup, rebind, restore
+from ._abcs import clear_abc_caches, refresh_abstracts
+from ._graft import (
+    MISSING,
+    ORIGINAL_PREFIX,
+    Change,
+    Transaction,
+    descendants,
+    is_override_marked,
+    mro_lookup,
+    rebind,
+    restore,
+)
+from ._inflight import Lingerers, Lingering, codes_of, threads_running
 from ._log import logger
 from ._patch import PatchSpec, VLLMPatch
 from ._targets import resolve_target
@@ -83,11 +96,14 @@ class _Applied:
     changes: list[Change]
     overrides: tuple[str, ...]
     additions: tuple[str, ...]
+    abstracts: dict[type, object]
+    """``__abstractmethods__`` the apply changed: class -> what it held before."""
 
 
 @dataclass
 class _Plan:
     overrides: list[tuple[str, object]] = field(default_factory=list)  # (name, raw original)
+    holders: dict[str, type] = field(default_factory=dict)  # override -> class whose __dict__ holds the original
     additions: list[str] = field(default_factory=list)
 
 
@@ -100,9 +116,12 @@ class _Registry:
         self.applied: dict[str, _Applied] = {}  # in order of application
         self.owners: dict[type, dict[str, str]] = {}  # target -> member -> patch name
         self.outcomes: dict[str, tuple[PatchState, str]] = {}
+        self.lingerers = Lingerers(self.lock)
 
 
 _registry = _Registry()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_registry.lingerers.after_fork_in_child)
 
 
 class PatchManager:
@@ -229,12 +248,37 @@ class PatchManager:
                         f"was replaced after the patch was applied, by code outside this "
                         f"patch. Undo that change first; nothing was rolled back."
                     )
+            # The target's own members first, so new calls reach the originals
+            # at once; each ``_original_x`` then goes only when no thread is
+            # still inside the patch's code, which may yet call it.
+            originals = [change for change in record.changes if change.name.startswith(ORIGINAL_PREFIX)]
+            members = [change for change in record.changes if not change.name.startswith(ORIGINAL_PREFIX)]
             errors: list[BaseException] = []
-            for change in reversed(record.changes):
+            for change in reversed(members):
                 try:
                     restore(target, change)
                 except Exception as exc:
                     errors.append(exc)
+            codes = codes_of(change.new for change in members)
+            busy = threads_running(codes) if originals else 0
+            for change in reversed(originals):
+                if busy:
+                    reg.lingerers.add(Lingering(name, target, change.name, change.new, codes))
+                    continue
+                try:
+                    restore(target, change)
+                except Exception as exc:
+                    errors.append(exc)
+            if busy:
+                logger.info(
+                    "Patch %r: %d thread(s) are still inside its code; %s stay until they return",
+                    name,
+                    busy,
+                    ", ".join(f"{_qualname(target)}.{change.name}" for change in originals),
+                )
+            refresh_abstracts(target, record.abstracts)
+            # Removed members may have taught an ABC elsewhere (Sized, a Protocol) a fact now false.
+            clear_abc_caches(target, everywhere=bool(record.additions))
             del reg.applied[name]
             owners = reg.owners.get(target, {})
             for change in record.changes:
@@ -339,15 +383,18 @@ class PatchManager:
         tx = Transaction(target)
         # Each original goes in before its replacement, so a thread calling the
         # target meanwhile never finds a graft whose original is missing.
-        steps = []
+        steps: list[tuple[str, object, bool]] = []  # (name, value, is the member itself)
         for member, value in spec.members.items():
             if member in originals:
-                steps.append((ORIGINAL_PREFIX + member, originals[member]))
-            steps.append((member, rebind(value, target)))
+                steps.append((ORIGINAL_PREFIX + member, originals[member], False))
+            steps.append((member, rebind(value, target), True))
         member = ""
         try:
-            for member, value in steps:
-                tx.set(member, value)
+            for member, value, own in steps:
+                lingering = not own and cls._registry.lingerers.lingering(target, member) is not None
+                tx.set(member, value, set_name=own, absent_before=lingering)
+                if lingering:
+                    cls._registry.lingerers.adopt(target, member)
         except BaseException as exc:
             undo_errors = tx.undo()
             if undo_errors:
@@ -362,17 +409,23 @@ class PatchManager:
                 f"patch {spec.name!r}: setting {_qualname(target)}.{member} failed: "
                 f"{type(exc).__name__}: {exc}. {_qualname(target)} was left unchanged."
             ) from exc
+        # Members came and went: what abc computed from them is stale.
+        abstracts = refresh_abstracts(target)
+        clear_abc_caches(target, everywhere=False)
         return _Applied(
             patch=patch_cls,
             target=target,
             changes=list(tx.changes),
             overrides=tuple(name for name, _ in plan.overrides),
             additions=tuple(plan.additions),
+            abstracts=abstracts,
         )
 
     @classmethod
     def _check_conflicts(cls, spec: PatchSpec, target: type, plan: _Plan) -> None:
-        owners = cls._registry.owners.get(target, {})
+        reg = cls._registry
+        reg.lingerers.sweep()
+        owners = reg.owners.get(target, {})
         originals = [ORIGINAL_PREFIX + name for name, _ in plan.overrides]
         for member in [*spec.members, *originals]:
             other = owners.get(member)
@@ -381,26 +434,46 @@ class PatchManager:
                     f"patch {spec.name!r} conflicts with applied patch {other!r}: both set "
                     f"{_qualname(target)}.{member}. Roll {other!r} back first, or merge the two."
                 )
+        related = _sharing_instances(target)
         for original in originals:
-            if original in vars(target):
+            if original in vars(target) and reg.lingerers.lingering(target, original) is None:
                 raise PatchConflictError(
                     f"patch {spec.name!r}: {_qualname(target)} already has its own "
                     f"{original!r}, not made by vllm-custom-patches; the original of "
                     f"{original[len(ORIGINAL_PREFIX):]!r} cannot be kept under that name."
                 )
-            # The same ``_original_x`` on a base class and a subclass would make
-            # ``self._original_x`` inside the base's graft find the subclass's
-            # original for subclass instances: endless recursion.
-            for klass in (*target.__mro__[1:], *_subclasses(target)):
+            # Two ``_original_x`` in the MRO of one instance (a base and a
+            # subclass, or two sides of a diamond) make ``self._original_x``
+            # inside one graft find the other's original: endless recursion.
+            for klass in related:
                 if original in vars(klass):
-                    holder = cls._registry.owners.get(klass, {}).get(original, "code outside vllm-custom-patches")
+                    lingering = reg.lingerers.lingering(klass, original)
+                    owner = reg.owners.get(klass, {}).get(original)
+                    if lingering is not None:
+                        who = f"patch {lingering.patch!r}, rolled back and kept while calls into it finish"
+                    elif owner is not None:
+                        who = f"applied patch {owner!r}"
+                    else:
+                        who = "code outside vllm-custom-patches"
                     raise PatchConflictError(
                         f"patch {spec.name!r} cannot replace {_qualname(target)}."
                         f"{original[len(ORIGINAL_PREFIX):]}: {_qualname(klass)}.{original} "
-                        f"(from {holder!r}) is in the same class hierarchy, and "
-                        f"self.{original} would resolve to the wrong original. Patch "
-                        f"this member on one class of the hierarchy only."
+                        f"(set by {who}) is in the same class hierarchy (the MRO of the same "
+                        f"instances), and self.{original} would resolve to the wrong original. "
+                        f"Patch this member on one class of the hierarchy only."
                     )
+        for member, holder in plan.holders.items():
+            # The original would be another patch's member (say, a helper it
+            # added to a base class): the two would stack, and rolling that
+            # patch back would leave this one calling its code.
+            other = reg.owners.get(holder, {}).get(member)
+            if other is not None:
+                raise PatchConflictError(
+                    f"patch {spec.name!r} conflicts with applied patch {other!r}: it would keep "
+                    f"{_qualname(holder)}.{member}, which {other!r} set, as the original of "
+                    f"{_qualname(target)}.{member}, and the two would stack. Roll {other!r} back "
+                    f"first, or merge the two."
+                )
 
 
 def _plan(spec: PatchSpec, target: type) -> _Plan:
@@ -420,8 +493,20 @@ def _plan(spec: PatchSpec, target: type) -> _Plan:
                     f"{_qualname(target)} has no member {name!r} to keep as the original."
                 )
             plan.additions.append(name)
-        else:
-            plan.overrides.append((name, found[1]))
+            continue
+        holder, original = found
+        if name == "__new__" and original is object.__new__:
+            # Deleting __new__ again does not restore CPython's tp_new slot:
+            # after rollback ``Target(arg)`` would raise "object.__new__()
+            # takes exactly one argument".  No exact rollback, so no apply.
+            raise PatchTargetError(
+                f"patch {spec.name!r} replaces {_qualname(target)}.__new__, which "
+                f"{_qualname(target)} inherits from object; CPython cannot restore that "
+                f"slot on rollback. Patch __init__ instead, or give the class hierarchy "
+                f"a __new__ of its own to patch."
+            )
+        plan.overrides.append((name, original))
+        plan.holders[name] = holder
     return plan
 
 
@@ -436,15 +521,19 @@ def _preview(spec: PatchSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
     return overrides, tuple(name for name in spec.members if name not in overrides)
 
 
-def _subclasses(cls: type) -> Iterator[type]:
-    seen: set[type] = set()
-    stack: list[type] = list(type.__subclasses__(cls))
-    while stack:
-        sub = stack.pop()
-        if sub not in seen:
-            seen.add(sub)
-            yield sub
-            stack.extend(type.__subclasses__(sub))
+def _sharing_instances(cls: type) -> list[type]:
+    """Every class other than ``cls`` in the MRO of ``cls`` or of one of its subclasses.
+
+    These are the classes whose members an instance of ``cls`` (or of a
+    subclass) can see: ancestors, descendants, and in multiple inheritance
+    the siblings that a common subclass puts next to ``cls``.
+    """
+    related: dict[type, None] = {}
+    for sub in descendants(cls):
+        for klass in sub.__mro__:
+            if klass is not cls:
+                related[klass] = None
+    return list(related)
 
 
 def _describe(overrides: tuple[str, ...], additions: tuple[str, ...]) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from ._errors import PatchDefinitionError
-from ._graft import ORIGINAL_PREFIX, attribute_names, functions_of
+from ._graft import MISSING, ORIGINAL_PREFIX, attribute_names, functions_of
 from ._targets import TargetSpec, check_target_spec, target_label
 
 if TYPE_CHECKING:
@@ -36,6 +36,8 @@ _CLASS_MACHINERY = frozenset(
         "_abc_impl",
     }
 )
+# Bases whose members are never grafted: the framework's own and Python's.
+_NEVER_GRAFTED: frozenset[type] = frozenset({object, Generic})  # VLLMPatch is added below
 # The framework's own class-level API; a member of that name would shadow it.
 _RESERVED = frozenset({"name", "apply", "rollback", "is_applied"})
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
@@ -57,7 +59,20 @@ class PatchSpec:
         return target_label(self.target)
 
 
-class VLLMPatch(Generic[_T]):
+class _PatchMeta(type):
+    """Records which names a patch's class body wrote, before ``type`` adds its own.
+
+    ``type.__new__`` puts ``__hash__ = None`` into every class body that
+    defines ``__eq__`` without ``__hash__``; grafting that would make every
+    instance of the target unhashable.  Only what the author wrote is grafted.
+    """
+
+    def __new__(mcls, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **kwargs: Any) -> _PatchMeta:
+        namespace["_vcp_written"] = frozenset(namespace)
+        return super().__new__(mcls, name, bases, namespace, **kwargs)
+
+
+class VLLMPatch(Generic[_T], metaclass=_PatchMeta):
     """Base class of patches: ``class MyPatch(VLLMPatch[Target])``.
 
     Every member defined in the class body is grafted onto ``Target`` in place
@@ -131,6 +146,33 @@ class VLLMPatch(Generic[_T]):
         return PatchManager.is_applied(cls)
 
 
+_NEVER_GRAFTED |= {VLLMPatch}
+
+
+def _written_members(klass: type, name: str) -> dict[str, object]:
+    """The members ``klass``'s class body wrote, as they will be grafted."""
+    namespace = vars(klass)
+    written = namespace.get("_vcp_written")
+    if written is None:
+        # A plain mixin: Python's implicit ``__hash__ = None`` (a body that
+        # defines ``__eq__`` without ``__hash__``) cannot be told from a
+        # written one, so it is taken as implicit.
+        implicit = {"__hash__"} if "__eq__" in namespace and namespace.get("__hash__", MISSING) is None else set()
+        slots = namespace.get("__slots__", ())
+        if slots not in ((), []):
+            raise PatchDefinitionError(
+                f"patch {name!r}: its base {klass.__qualname__} declares __slots__ = {slots!r}, "
+                f"which cannot be added to an existing class; drop __slots__ from the mixin "
+                f"or set '__slots__ = ()'."
+            )
+        written = namespace.keys() - implicit - {"__slots__"}
+    return {
+        key: value
+        for key, value in namespace.items()
+        if key in written and key not in _CLASS_MACHINERY and not key.startswith("_vcp_") and key != "name"
+    }
+
+
 def _build_spec(cls: type[VLLMPatch[Any]]) -> PatchSpec:
     name = vars(cls).get("name", cls.__name__)
     if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -140,14 +182,13 @@ def _build_spec(cls: type[VLLMPatch[Any]]) -> PatchSpec:
             f"listed in VLLM_CUSTOM_PATCHES."
         )
     members: dict[str, object] = {}
-    # Base patch classes first, so a subclass's body wins, as in normal inheritance.
+    # Base classes first, so a subclass's body wins, as in normal inheritance:
+    # base patch classes and plain mixins alike (a mixin's helpers are what
+    # the patch's methods call on ``self``).
     for klass in reversed(cls.__mro__):
-        if not issubclass(klass, VLLMPatch) or "_vcp_binding" in vars(klass) or klass is VLLMPatch:
+        if klass in _NEVER_GRAFTED or "_vcp_binding" in vars(klass):
             continue
-        for key, value in vars(klass).items():
-            if key in _CLASS_MACHINERY or key.startswith("_vcp_") or key == "name":
-                continue
-            members[key] = value
+        members.update(_written_members(klass, name))
     for key in members:
         if key in _RESERVED:
             raise PatchDefinitionError(

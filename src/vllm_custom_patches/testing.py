@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._graft import MISSING
@@ -26,10 +26,16 @@ __all__ = ["NamespaceSnapshot", "applied", "isolated_registry", "snapshot_namesp
 
 @dataclass(frozen=True)
 class NamespaceSnapshot:
-    """A class's own ``__dict__`` at one moment: names and object identities."""
+    """A class's own ``__dict__`` at one moment: names, object identities, and each object's state.
+
+    The state is a shallow copy of each member's own ``__dict__`` (what a
+    descriptor's ``__set_name__`` or a decorator would change), so a member
+    that is still the same object but was mutated counts as changed too.
+    """
 
     cls: type
     entries: dict[str, object]
+    states: dict[str, dict[str, object] | None] = field(default_factory=dict)
 
     def changes(self) -> list[str]:
         """What differs now, one readable line per name; empty if nothing does."""
@@ -38,6 +44,11 @@ class NamespaceSnapshot:
         for name in sorted(self.entries.keys() | now.keys()):
             old, new = self.entries.get(name, MISSING), now.get(name, MISSING)
             if old is new:
+                before, after = self.states.get(name), _state(new)
+                if before is not None and after is not None and not _same_state(before, after):
+                    keys = sorted(k for k in before.keys() | after.keys() if not _same(before.get(k, MISSING), after.get(k, MISSING)))
+                    details = ", ".join(f"{k}: {before.get(k, MISSING)!r} -> {after.get(k, MISSING)!r}" for k in keys)
+                    lines.append(f"* {name} is the same object but was mutated ({details})")
                 continue
             if old is MISSING:
                 lines.append(f"+ {name} = {new!r}")
@@ -55,8 +66,31 @@ class NamespaceSnapshot:
 
 
 def snapshot_namespace(cls: type) -> NamespaceSnapshot:
-    """Record ``vars(cls)`` (keys and object identities) to compare with later."""
-    return NamespaceSnapshot(cls, dict(vars(cls)))
+    """Record ``vars(cls)`` (keys, object identities and each object's own state) to compare with later."""
+    entries = dict(vars(cls))
+    return NamespaceSnapshot(cls, entries, {name: _state(value) for name, value in entries.items()})
+
+
+def _state(obj: object) -> dict[str, object] | None:
+    if isinstance(obj, type):  # a nested class: its namespace is a snapshot of its own
+        return None
+    try:
+        return dict(vars(obj))
+    except TypeError:  # no __dict__: nothing a descriptor hook could have stored
+        return None
+
+
+def _same(a: object, b: object) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _same_state(before: dict[str, object], after: dict[str, object]) -> bool:
+    return before.keys() == after.keys() and all(_same(before[k], after[k]) for k in before)
 
 
 @contextlib.contextmanager

@@ -1,0 +1,81 @@
+"""Keeping ``abc``'s bookkeeping true when members come and go on a live class.
+
+Python computes ``__abstractmethods__`` once, when a class statement runs, and
+``ABCMeta`` caches every ``issubclass`` answer it gives, including the ones a
+``__subclasshook__`` derived from the members a class had at the time
+(``collections.abc.Sized`` asks for ``__len__``).  A patch changes members
+after the fact, so both go stale unless refreshed here.
+"""
+
+from __future__ import annotations
+
+import abc
+from ._graft import MISSING, ORIGINAL_PREFIX, descendants
+
+__all__ = ["clear_abc_caches", "refresh_abstracts"]
+
+
+def refresh_abstracts(target: type, before: dict[type, object] | None = None) -> dict[type, object]:
+    """Recompute ``__abstractmethods__`` of ``target`` and its subclasses, parents first.
+
+    Returns, for each class whose set changed, the object it held before.
+    ``before`` is such a record from an earlier call (an apply): a class whose
+    recomputed set equals the one recorded gets that very object back, so a
+    rollback leaves ``vars()`` identical, not merely equal.
+    """
+    changed: dict[type, object] = {}
+    # A parent's set feeds its children's, so parents go first; a class's MRO
+    # is always longer than any of its bases'.
+    for cls in sorted(descendants(target), key=lambda klass: len(klass.__mro__)):
+        current = vars(cls).get("__abstractmethods__", MISSING)
+        if current is MISSING:
+            continue  # not an ABC: Python never made it abstract
+        new = _abstract_names(cls)
+        if new == current:
+            continue
+        recorded = (before or {}).get(cls, MISSING)
+        cls.__abstractmethods__ = recorded if recorded == new else new  # type: ignore[attr-defined]
+        changed[cls] = current
+    return changed
+
+
+def clear_abc_caches(target: type, *, everywhere: bool) -> None:
+    """Forget what ``ABCMeta`` learnt about ``target``'s hierarchy.
+
+    Always: the caches of ABCs in the hierarchy itself, and every negative
+    cache (``ABCMeta.register`` invalidates those process-wide).  With
+    ``everywhere``, also the positive caches of every ABC in the process: an
+    ABC elsewhere (``Sized``) may have learnt from a member that is now gone.
+    That walks every class (about 12 ms with vLLM imported), so callers ask
+    for it only when members were removed.
+    """
+    for cls in (*target.__mro__[1:], *descendants(target)):
+        if isinstance(cls, abc.ABCMeta):
+            cls._abc_caches_clear()  # type: ignore[attr-defined]
+    # A throw-away registration bumps abc's invalidation counter, which makes
+    # every negative cache stale: the documented effect of register().
+    _Invalidator.register(type("_Invalidation", (), {}))
+    if everywhere:
+        for cls in descendants(object):
+            if isinstance(cls, abc.ABCMeta):
+                cls._abc_caches_clear()  # type: ignore[attr-defined]
+
+
+class _Invalidator(abc.ABC):
+    """Registers throw-away classes only to invalidate negative caches."""
+
+
+def _abstract_names(cls: type) -> frozenset[str]:
+    # What abc.update_abstractmethods computes, without setting it, and
+    # leaving out kept originals: an abstract method a patch implements is
+    # kept as ``_original_x``, and is no longer what the class offers.
+    names = {
+        name
+        for name, value in vars(cls).items()
+        if getattr(value, "__isabstractmethod__", False) and not name.startswith(ORIGINAL_PREFIX)
+    }
+    for base in cls.__bases__:
+        for name in getattr(base, "__abstractmethods__", ()):
+            if getattr(getattr(cls, name, None), "__isabstractmethod__", False):
+                names.add(name)
+    return frozenset(names)
