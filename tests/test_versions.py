@@ -119,7 +119,10 @@ def test_env_override_wins(tmp_path: Path, isolated_path: pytest.MonkeyPatch) ->
         ("0.11.1+cpu", "0.11.1"),
         ("0.23.1rc1.dev958+g56557d987.cpu", "0.23.1"),
         ("0.32.0", "0.32.0"),
-        ("1!2.0.post1", "1!2.0"),
+        ("1!2.0.post1", "1!2.0.post1"),
+        ("0.6.3.post1", "0.6.3.post1"),
+        ("0.6.3.post1.dev2+cpu", "0.6.3.post1"),
+        ("0.11.1rc1.post1", "0.11.1"),  # a fix of the rc is still the release to be
         ("dev", None),
         ("", None),
     ],
@@ -144,6 +147,32 @@ def test_dev_rc_and_local_builds_count_as_their_release(installed: str, monkeypa
     patch = _gated(min_vllm_version("0.11.1"))
     assert patch.apply()
     assert Target().m() == 2
+
+
+@pytest.mark.parametrize(
+    ("installed", "ok"),
+    [
+        ("0.6.3.post1", True),
+        ("0.6.3.post1+cpu", True),
+        ("0.6.3.post1.dev2+cpu", True),
+        ("0.6.3.post2", True),
+        ("0.6.4rc1", True),
+        ("0.6.3", False),
+        ("0.6.3+cpu", False),
+        ("0.6.3.post0", False),
+    ],
+)
+def test_a_post_release_counts_as_itself(installed: str, ok: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(ENV_VLLM_VERSION, installed)
+    # max_ is exclusive: it passes exactly where min_ of the same bound fails.
+    for decorator, passes in ((min_vllm_version, ok), (max_vllm_version, not ok)):
+        patch = _gated(decorator("0.6.3.post1"))
+        if passes:
+            assert patch.apply()
+        else:
+            with pytest.raises(PatchVersionError):
+                patch.apply()
+        PatchManager.rollback_all()
 
 
 @pytest.mark.parametrize("installed", ["0.11.0", "0.11.0.post1", "0.10.9.dev1"])
@@ -215,28 +244,75 @@ def test_invalid_gate_arguments_are_definition_errors(factory: object, arg: obje
         factory(arg)  # type: ignore[operator]
 
 
+_TOO_LONG = "0." + "9" * 5000  # more digits than int() converts
+
+
+@pytest.mark.parametrize(
+    ("factory", "arg", "says"),
+    [
+        *(
+            (factory, arg, says)
+            for factory in (min_vllm_version, max_vllm_version)
+            for arg, says in [
+                (10, "takes a version string"),
+                (None, "takes a version string"),
+                (b"0.10", "takes a version string"),
+                ("garbage!", "not a PEP 440 version"),
+                ("", "not a PEP 440 version"),
+                (">=0.10", "not a PEP 440 version"),
+                (_TOO_LONG, "not a PEP 440 version"),
+                ("0.10.0+cpu", r"gates compare releases.*write '0\.10\.0'"),
+                ("0.10.0rc1.dev3+g1a2b", r"gates compare releases.*write '0\.10\.0rc1\.dev3'"),
+            ]
+        ),
+        (vllm_versions, 10, "takes a specifier string"),
+        (vllm_versions, None, "takes a specifier string"),
+        (vllm_versions, b">=0.10", "takes a specifier string"),
+        (vllm_versions, [">=0.10"], "takes a specifier string"),
+        (vllm_versions, "garbage!", "invalid vLLM version specifier"),
+        (vllm_versions, ">=0.10.0+cpu", "invalid vLLM version specifier"),
+        (vllm_versions, "==0.10.0+cpu", r"gates compare releases.*write '==0\.10\.0'"),
+        (vllm_versions, ">=0.9, ==0.10.0+cpu", r"gates compare releases.*write '==0\.10\.0'"),
+        (vllm_versions, ">=" + _TOO_LONG, "not a PEP 440 version"),
+    ],
+)
+def test_every_invalid_gate_argument_is_a_definition_error(factory: object, arg: object, says: str) -> None:
+    with pytest.raises(PatchDefinitionError, match=says):
+        factory(arg)  # type: ignore[operator]
+
+
 def test_gate_on_a_non_patch_is_a_definition_error() -> None:
     with pytest.raises(PatchDefinitionError, match="not a VLLMPatch subclass"):
         min_vllm_version("0.1")(Target)  # type: ignore[type-var]
 
 
-_versions = st.builds(
-    lambda rel, pre, dev, local: ".".join(map(str, rel)) + pre + dev + local,
-    st.lists(st.integers(0, 50), min_size=1, max_size=3),
-    st.sampled_from(["", "rc1", "a2", "b3", ".post1"]),
+# (release, pre, post, dev, local): what a version is made of, so that the
+# property below states what it counts as without asking release_of().
+_version_parts = st.tuples(
+    st.lists(st.integers(0, 50), min_size=1, max_size=3).map(lambda rel: ".".join(map(str, rel))),
+    st.sampled_from(["", "rc1", "a2", "b3"]),
+    st.sampled_from(["", ".post1", ".post12"]),
     st.sampled_from(["", ".dev0", ".dev123"]),
     st.sampled_from(["", "+cpu", "+gabc123.cu128"]),
 )
 
 
-@given(installed=_versions, bound=_versions, op=st.sampled_from([">=", "<", "==", "!=", "<=", ">"]))
-def test_gate_decides_on_the_release_alone(installed: str, bound: str, op: str) -> None:
+def _counted_as(parts: tuple[str, str, str, str, str]) -> str:
+    """The release plus, on a final release, its post part: pre, dev and local parts never count."""
+    release, pre, post, _dev, _local = parts
+    return release + ("" if pre else post)
+
+
+@given(installed=_version_parts, bound=_version_parts, op=st.sampled_from([">=", "<", "==", "!=", "<=", ">"]))
+def test_gate_decides_on_the_release_alone(
+    installed: tuple[str, str, str, str, str], bound: tuple[str, str, str, str, str], op: str
+) -> None:
     from vllm_custom_patches._versions import check_gate
 
-    gate = SpecifierSet(f"{op}{release_of(bound)}")
-    expected = gate.contains(release_of(installed), prereleases=True)  # type: ignore[arg-type]
+    gate = SpecifierSet(f"{op}{_counted_as(bound)}")
+    expected = gate.contains(_counted_as(installed), prereleases=True)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(ENV_VLLM_VERSION, installed)
+        mp.setenv(ENV_VLLM_VERSION, "".join(installed))
         if expected:
             check_gate("p", gate)
         else:

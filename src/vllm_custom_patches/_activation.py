@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -194,7 +195,13 @@ class _Activation:
                 continue
             try:
                 check_gate(name, patch._vcp_gate)
-                waits = resolve_target(spec.target, name, import_module=False) is None
+                # A target not found without running code waits for its module;
+                # if that module is already imported (the name is made on demand,
+                # e.g. by a lazy module __getattr__), apply() below resolves it now.
+                waits = (
+                    resolve_target(spec.target, name, import_module=False) is None
+                    and module_of(spec.target) not in sys.modules
+                )
             except PatchTargetError:
                 waits = False  # apply() below raises it again and records it
             except PatchError as exc:

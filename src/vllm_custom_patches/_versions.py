@@ -5,6 +5,13 @@ Gates compare the *release* of the installed vLLM: ``0.11.1.dev123+gabc``,
 platform builds carry such suffixes, and a plain PEP 440 comparison would put
 ``0.11.1.dev123`` *below* ``0.11.1`` and reject the very build a patch was
 written against.
+
+A post-release counts as itself: ``0.6.3.post1`` is a release of its own (vLLM
+has shipped some) that a gate may need to name, so ``0.6.3.post1.dev2+cpu``
+counts as ``0.6.3.post1``.  Only a post-release of a pre-release
+(``0.11.1rc1.post1``) counts as the release, like the pre-release itself.
+
+A bound with a local label (``0.10.0+cpu``) is refused: a release never has one.
 """
 
 from __future__ import annotations
@@ -55,7 +62,7 @@ class VLLMVersion:
 
     @property
     def release(self) -> Version | None:
-        """The release the gates compare (``0.11.1`` for ``0.11.1rc1+cpu``), if parseable."""
+        """What the gates compare, if parseable: ``0.11.1`` for ``0.11.1rc1+cpu``, ``0.6.3.post1`` for ``0.6.3.post1+cpu``."""
         return release_of(self.raw) if self.raw is not None else None
 
     def __str__(self) -> str:
@@ -63,7 +70,11 @@ class VLLMVersion:
 
 
 def release_of(raw: str) -> Version | None:
-    """The release part of a version string, or ``None`` if it is not PEP 440."""
+    """What gates compare ``raw`` as, or ``None`` if it is not PEP 440.
+
+    Its release, with its post-release part unless it is a pre-release: dev,
+    pre and local parts are dropped.
+    """
     from packaging.version import Version
 
     try:
@@ -71,7 +82,9 @@ def release_of(raw: str) -> Version | None:
     except ValueError:  # InvalidVersion, or an integer too long for int()
         return None
     epoch = f"{version.epoch}!" if version.epoch else ""
-    return Version(epoch + ".".join(map(str, version.release)))
+    # A fix of an rc (0.11.1rc1.post1) is still the release to be, like the rc.
+    post = f".post{version.post}" if version.post is not None and version.pre is None else ""
+    return Version(epoch + ".".join(map(str, version.release)) + post)
 
 
 def detect_vllm_version() -> VLLMVersion:
@@ -145,17 +158,29 @@ def vllm_versions(specifier: str) -> Callable[[_P], _P]:
 
     ``specifier`` is a PEP 440 specifier set such as ``">=0.10,<0.40"``; it is
     compared with the installed release (dev, rc and local builds count as
-    their release).  Several gates on one patch must all pass.
+    their release, a post-release as itself).  Several gates on one patch must
+    all pass.
     """
     from packaging.specifiers import InvalidSpecifier, SpecifierSet
 
+    if not isinstance(specifier, str):
+        # packaging would take any iterable of specifiers (a list, bytes) and
+        # fail only when the gate is first checked.
+        raise PatchDefinitionError(
+            f"vllm_versions() takes a specifier string such as '>=0.10,<0.40', got {specifier!r}"
+        )
     try:
         gate = SpecifierSet(specifier)
-    except (InvalidSpecifier, TypeError) as exc:
+    except InvalidSpecifier as exc:
         raise PatchDefinitionError(
             f"invalid vLLM version specifier {specifier!r}: {exc}. "
             f"Write a PEP 440 specifier such as '>=0.10,<0.40'."
         ) from None
+    for clause in gate:
+        # packaging parses a bound only when it compares: parse each now, so
+        # that a bad one fails here, where the patch is defined.
+        if clause.operator != "===":
+            _parse(clause.version.removesuffix(".*"), "vllm_versions", operator=clause.operator, specifier=specifier)
     return _gate(gate, specifier)
 
 
@@ -173,17 +198,28 @@ def max_vllm_version(version: str) -> Callable[[_P], _P]:
     return _gate(SpecifierSet(f"<{_parse(version, 'max_vllm_version')}"), version)
 
 
-def _parse(version: object, decorator: str) -> Version:
+def _parse(version: object, decorator: str, *, operator: str = "", specifier: str | None = None) -> Version:
+    """A gate's bound, given to ``decorator`` alone or after ``operator`` in ``specifier``."""
     from packaging.version import InvalidVersion, Version
 
     if not isinstance(version, str):
         raise PatchDefinitionError(f"{decorator}() takes a version string, got {version!r}")
+    call = f"{decorator}({(version if specifier is None else specifier)!r})"
     try:
-        return Version(version)
-    except (InvalidVersion, ValueError):
+        parsed = Version(version)
+    except (InvalidVersion, ValueError):  # ValueError: an integer too long for int()
         raise PatchDefinitionError(
-            f"{decorator}({version!r}): not a PEP 440 version; write it like '0.10.0'."
+            f"{call}: not a PEP 440 version (or a number in it is too long); write it like '0.10.0'."
         ) from None
+    if parsed.local is not None:
+        # The installed version is compared as its release, which never has a
+        # local label: a bound with one would never match (or, for >= and <,
+        # packaging refuses it with an error that is no PatchDefinitionError).
+        raise PatchDefinitionError(
+            f"{call}: {parsed.local!r} is a local label, but gates compare releases "
+            f"(local builds count as their release); write {operator + parsed.public!r} instead."
+        )
+    return parsed
 
 
 def _gate(gate: SpecifierSet, shown: str) -> Callable[[_P], _P]:
