@@ -308,6 +308,21 @@ def test_abc_caches_do_not_keep_what_a_rolled_back_patch_taught_them() -> None:
     assert not isinstance(Batch(), collections.abc.Sized)  # and the positive one cleared
 
 
+def test_abc_caches_follow_a_none_member_replaced_and_put_back() -> None:
+    class Key:
+        def __eq__(self, other: object) -> bool:
+            return True  # so Python set __hash__ = None: not Hashable
+
+    class HashById(VLLMPatch[Key]):
+        def __hash__(self) -> int:
+            return id(self)
+
+    assert not isinstance(Key(), collections.abc.Hashable)
+    with applied(HashById):
+        assert isinstance(Key(), collections.abc.Hashable)
+    assert not isinstance(Key(), collections.abc.Hashable)
+
+
 def test_implementing_an_abstract_method_makes_the_class_concrete_and_rollback_restores_it() -> None:
     class Policy(abc.ABC):
         @abc.abstractmethod

@@ -39,23 +39,25 @@ def refresh_abstracts(target: type, before: dict[type, object] | None = None) ->
     return changed
 
 
-def clear_abc_caches(target: type, *, everywhere: bool) -> None:
-    """Forget what ``ABCMeta`` learnt about ``target``'s hierarchy.
+def clear_abc_caches(target: type, *, gained: bool, lost: bool) -> None:
+    """Forget what ``ABCMeta`` may have learnt about ``target``'s hierarchy that is no longer true.
 
-    Always: the caches of ABCs in the hierarchy itself, and every negative
-    cache (``ABCMeta.register`` invalidates those process-wide).  With
-    ``everywhere``, also the positive caches of every ABC in the process: an
-    ABC elsewhere (``Sized``) may have learnt from a member that is now gone.
-    That walks every class (about 12 ms with vLLM imported), so callers ask
-    for it only when members were removed.
+    Always the caches of ABCs in the hierarchy itself (cheap).  ``gained``:
+    a member became available (an addition, or a ``None`` replaced), so a
+    cached "no" may now be wrong: every negative cache is invalidated, which
+    ``ABCMeta.register`` does process-wide.  ``lost``: a member went away
+    (an addition removed, or a member set to ``None``), so a cached "yes" of
+    any ABC in the process (``Sized`` asked for ``__len__``) may be wrong:
+    that walks every class, about 12 ms with vLLM imported, so only then.
     """
     for cls in (*target.__mro__[1:], *descendants(target)):
         if isinstance(cls, abc.ABCMeta):
             cls._abc_caches_clear()  # type: ignore[attr-defined]
-    # A throw-away registration bumps abc's invalidation counter, which makes
-    # every negative cache stale: the documented effect of register().
-    _Invalidator.register(type("_Invalidation", (), {}))
-    if everywhere:
+    if gained:
+        # A throw-away registration bumps abc's invalidation counter, which
+        # makes every negative cache stale: the documented effect of register().
+        _Invalidator.register(type("_Invalidation", (), {}))
+    if lost:
         for cls in descendants(object):
             if isinstance(cls, abc.ABCMeta):
                 cls._abc_caches_clear()  # type: ignore[attr-defined]

@@ -98,6 +98,10 @@ class _Applied:
     additions: tuple[str, ...]
     abstracts: dict[type, object]
     """``__abstractmethods__`` the apply changed: class -> what it held before."""
+    gained: bool
+    """The apply made a member available: an addition, or a ``None`` original replaced."""
+    lost: bool
+    """The apply made a member unavailable: a member set to ``None``."""
 
 
 @dataclass
@@ -277,8 +281,8 @@ class PatchManager:
                     ", ".join(f"{_qualname(target)}.{change.name}" for change in originals),
                 )
             refresh_abstracts(target, record.abstracts)
-            # Removed members may have taught an ABC elsewhere (Sized, a Protocol) a fact now false.
-            clear_abc_caches(target, everywhere=bool(record.additions))
+            # What the apply gained is lost now, and the other way round.
+            clear_abc_caches(target, gained=record.lost, lost=record.gained)
             del reg.applied[name]
             owners = reg.owners.get(target, {})
             for change in record.changes:
@@ -409,9 +413,11 @@ class PatchManager:
                 f"patch {spec.name!r}: setting {_qualname(target)}.{member} failed: "
                 f"{type(exc).__name__}: {exc}. {_qualname(target)} was left unchanged."
             ) from exc
-        # Members came and went: what abc computed from them is stale.
+        # Members came and went: what abc computed from them may be stale.
         abstracts = refresh_abstracts(target)
-        clear_abc_caches(target, everywhere=False)
+        gained = bool(plan.additions) or any(original is None for _, original in plan.overrides)
+        lost = any(value is None for value in spec.members.values())
+        clear_abc_caches(target, gained=gained, lost=lost)
         return _Applied(
             patch=patch_cls,
             target=target,
@@ -419,6 +425,8 @@ class PatchManager:
             overrides=tuple(name for name, _ in plan.overrides),
             additions=tuple(plan.additions),
             abstracts=abstracts,
+            gained=gained,
+            lost=lost,
         )
 
     @classmethod
