@@ -12,45 +12,44 @@ from __future__ import annotations
 import abc
 from ._graft import MISSING, ORIGINAL_PREFIX, descendants
 
-__all__ = ["clear_abc_caches", "refresh_abstracts"]
+__all__ = ["refresh_abc_state"]
 
 
-def refresh_abstracts(target: type, before: dict[type, object] | None = None) -> dict[type, object]:
-    """Recompute ``__abstractmethods__`` of ``target`` and its subclasses, parents first.
+def refresh_abc_state(
+    target: type, *, gained: bool, lost: bool, before: dict[type, object] | None = None
+) -> dict[type, object]:
+    """Bring ``abc``'s view of ``target``'s hierarchy up to date after members changed.
 
-    Returns, for each class whose set changed, the object it held before.
-    ``before`` is such a record from an earlier call (an apply): a class whose
-    recomputed set equals the one recorded gets that very object back, so a
-    rollback leaves ``vars()`` identical, not merely equal.
+    ``__abstractmethods__`` of ``target`` and its subclasses is recomputed,
+    parents first.  Returns, for each class whose set changed, the object it
+    held before; ``before`` is such a record from an earlier call (an apply):
+    a class whose recomputed set equals the one recorded gets that very object
+    back, so a rollback leaves ``vars()`` identical, not merely equal.
+
+    Then the caches: always those of ABCs in the hierarchy itself (cheap).
+    ``gained``: a member became available (an addition, or a ``None``
+    replaced), so a cached "no" may now be wrong: every negative cache is
+    invalidated, which ``ABCMeta.register`` does process-wide.  ``lost``: a
+    member went away (an addition removed, or a member set to ``None``), so a
+    cached "yes" of any ABC in the process (``Sized`` asked for ``__len__``)
+    may be wrong: that walks every class, about 12 ms with vLLM imported, so
+    only then.
     """
+    hierarchy = descendants(target)
     changed: dict[type, object] = {}
     # A parent's set feeds its children's, so parents go first; a class's MRO
-    # is always longer than any of its bases'.
-    for cls in sorted(descendants(target), key=lambda klass: len(klass.__mro__)):
-        current = vars(cls).get("__abstractmethods__", MISSING)
-        if current is MISSING:
-            continue  # not an ABC: Python never made it abstract
+    # is always longer than any of its bases'.  Classes without their own
+    # __abstractmethods__ are no ABCs: Python never made them abstract.
+    abcs = [cls for cls in hierarchy if "__abstractmethods__" in vars(cls)]
+    for cls in sorted(abcs, key=lambda klass: len(klass.__mro__)):
+        current = vars(cls)["__abstractmethods__"]
         new = _abstract_names(cls)
         if new == current:
             continue
         recorded = (before or {}).get(cls, MISSING)
         cls.__abstractmethods__ = recorded if recorded == new else new  # type: ignore[attr-defined]
         changed[cls] = current
-    return changed
-
-
-def clear_abc_caches(target: type, *, gained: bool, lost: bool) -> None:
-    """Forget what ``ABCMeta`` may have learnt about ``target``'s hierarchy that is no longer true.
-
-    Always the caches of ABCs in the hierarchy itself (cheap).  ``gained``:
-    a member became available (an addition, or a ``None`` replaced), so a
-    cached "no" may now be wrong: every negative cache is invalidated, which
-    ``ABCMeta.register`` does process-wide.  ``lost``: a member went away
-    (an addition removed, or a member set to ``None``), so a cached "yes" of
-    any ABC in the process (``Sized`` asked for ``__len__``) may be wrong:
-    that walks every class, about 12 ms with vLLM imported, so only then.
-    """
-    for cls in (*target.__mro__[1:], *descendants(target)):
+    for cls in (*target.__mro__[1:], *hierarchy):
         if isinstance(cls, abc.ABCMeta):
             cls._abc_caches_clear()  # type: ignore[attr-defined]
     if gained:
@@ -61,6 +60,7 @@ def clear_abc_caches(target: type, *, gained: bool, lost: bool) -> None:
         for cls in descendants(object):
             if isinstance(cls, abc.ABCMeta):
                 cls._abc_caches_clear()  # type: ignore[attr-defined]
+    return changed
 
 
 class _Invalidator(abc.ABC):

@@ -6,7 +6,7 @@ import difflib
 import enum
 import os
 import threading
-from collections.abc import Iterator
+from types import CodeType
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
@@ -19,7 +19,7 @@ from ._errors import (
     PatchVersionError,
     UnknownPatchError,
 )
-from ._abcs import clear_abc_caches, refresh_abstracts
+from ._abcs import refresh_abc_state
 from ._graft import (
     MISSING,
     ORIGINAL_PREFIX,
@@ -102,6 +102,8 @@ class _Applied:
     """The apply made a member available: an addition, or a ``None`` original replaced."""
     lost: bool
     """The apply made a member unavailable: a member set to ``None``."""
+    codes: frozenset[CodeType]
+    """The code of the grafted members: a thread running it may still need an ``_original_x``."""
 
 
 @dataclass
@@ -263,7 +265,7 @@ class PatchManager:
                     restore(target, change)
                 except Exception as exc:
                     errors.append(exc)
-            codes = codes_of(change.new for change in members)
+            codes = record.codes
             busy = threads_running(codes) if originals else 0
             for change in reversed(originals):
                 if busy:
@@ -280,9 +282,8 @@ class PatchManager:
                     busy,
                     ", ".join(f"{_qualname(target)}.{change.name}" for change in originals),
                 )
-            refresh_abstracts(target, record.abstracts)
             # What the apply gained is lost now, and the other way round.
-            clear_abc_caches(target, gained=record.lost, lost=record.gained)
+            refresh_abc_state(target, gained=record.lost, lost=record.gained, before=record.abstracts)
             del reg.applied[name]
             owners = reg.owners.get(target, {})
             for change in record.changes:
@@ -414,10 +415,9 @@ class PatchManager:
                 f"{type(exc).__name__}: {exc}. {_qualname(target)} was left unchanged."
             ) from exc
         # Members came and went: what abc computed from them may be stale.
-        abstracts = refresh_abstracts(target)
         gained = bool(plan.additions) or any(original is None for _, original in plan.overrides)
         lost = any(value is None for value in spec.members.values())
-        clear_abc_caches(target, gained=gained, lost=lost)
+        abstracts = refresh_abc_state(target, gained=gained, lost=lost)
         return _Applied(
             patch=patch_cls,
             target=target,
@@ -427,6 +427,7 @@ class PatchManager:
             abstracts=abstracts,
             gained=gained,
             lost=lost,
+            codes=codes_of(spec.members.values()),
         )
 
     @classmethod
