@@ -7,7 +7,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from vllm_custom_patches import PatchConfigError, PatchError
-from vllm_custom_patches._patch import _NAME
+from vllm_custom_patches._spec import PATCH_NAME as _NAME
 from vllm_custom_patches._selection import Selection, parse_selection, parse_strict
 
 EMPTY = Selection()

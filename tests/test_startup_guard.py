@@ -5,28 +5,21 @@ so with ``VLLM_CUSTOM_PATCHES`` unset it must stay close to free.  Each check
 runs in a fresh interpreter:
 
 * **exactly**: importing ``vllm_custom_patches.plugin`` and calling
-  ``register()`` imports no ``vllm`` module, no ``wrapt`` and none of the
-  activation machinery, installs no import hook, and scans no distribution
-  metadata (both ``importlib.metadata`` and the ``importlib_metadata`` backport
-  are watched).  ``importlib_metadata`` itself *is* imported -- by
-  ``import vllm_custom_patches`` (``_versions``) -- so what is asserted is that
-  it is never used; every module imported must come from the standard
-  library, this package or its dependencies.
-* **by ratio**: ``ep.load()`` + ``register()`` must cost less than
-  ``BOUND`` times what the same interpreter paid just before for
-  ``import importlib.metadata`` + ``entry_points(group="vllm.general_plugins")``
-  (the scan vLLM itself does).  Measured ~1.2-1.6x on 2 shared cores (the
-  import of this package, ``importlib_metadata`` and ``packaging``; ~1.0x
-  when this package's bytecode is cached, ~1.3x when it is compiled in each
-  child as under ``PYTHONDONTWRITEBYTECODE=1``), so the bound is about 3x
-  that.  The median of ``CHILDREN`` interpreters is used and a failing
+  ``register()`` imports nothing but the package's ``__init__`` (whose public
+  names load on first use), ``_env`` and ``plugin`` themselves: no ``vllm``
+  module, no dependency (``wrapt``, ``packaging``, ``importlib_metadata``),
+  none of the framework's core; it installs no import hook and scans no
+  distribution metadata (both ``importlib.metadata`` and the
+  ``importlib_metadata`` backport are watched).
+* **by time**: ``ep.load()`` + ``register()`` must cost at most ``BOUND_MS``
+  on top of the ``import importlib.metadata`` + ``entry_points(group=...)``
+  scan that vLLM itself does first (the issue's bound: 5 ms).  Measured about
+  1 ms on 2 shared cores (it was ~23-32 ms when the package imported its whole
+  core); the median of ``CHILDREN`` interpreters is used and a failing
   measurement is repeated once before the test fails.  The last test proves
   the guard can fail: a register() whose module first imports a generated
   dependency tree of ``HEAVY_MODULES`` modules (a miniature of importing vLLM,
-  which is ~2,500 modules and seconds) measures ~8.5-10x.
-
-Finer regressions (a scan, ``wrapt``, ``_activation`` imported while unset)
-cost less than the ratio can see; the exact test catches those.
+  which is ~2,500 modules and seconds) costs ~250 ms.
 """
 
 from __future__ import annotations
@@ -47,23 +40,17 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.startup import child_env, run_child  # noqa: E402
 
-BOUND = 4.0
-"""ep.load() + register() / (import importlib.metadata + group scan), median of CHILDREN; observed ~1.2-1.45."""
-CHILDREN = 3
+BOUND_MS = 5.0
+"""ep.load() + register() with VLLM_CUSTOM_PATCHES unset, in ms, median of CHILDREN; observed ~1 ms."""
+CHILDREN = 5
 ATTEMPTS = 2
 HEAVY_MODULES = 300
 CLASSES_PER_MODULE = 60
 """The stand-in's dependency tree: 18,000 small classes in 300 modules (bytecode compiled) load in ~0.25 s here."""
 
-ALLOWED_THIRD_PARTY = {
-    "vllm_custom_patches",  # this package
-    "importlib_metadata",  # a dependency (imported by _versions; must not be used while unset)
-    "zipp",  # importlib_metadata's dependencies
-    "lazy_importer",
-    "packaging",  # a dependency (version gates)
-    "typing_extensions",
-}
-FORBIDDEN = ("vllm", "wrapt", "torch", "vllm_custom_patches._activation", "vllm_custom_patches._discovery", "vllm_custom_patches._hooks")
+ALLOWED_NEW = {"vllm_custom_patches", "vllm_custom_patches._env", "vllm_custom_patches.plugin"}
+"""Every module of this package that importing the plugin and calling register() (unset) may import."""
+FORBIDDEN = ("vllm", "wrapt", "torch", "packaging", "importlib_metadata")
 
 # Runs in the child: watch every way to scan distribution metadata, then import and call the plugin.
 _EXACT_CHILD = textwrap.dedent(
@@ -135,44 +122,62 @@ def test_unset_register_imports_no_vllm_and_scans_nothing(value: str | None) -> 
         "importlib_metadata.Distribution.discover",
         "importlib_metadata.MetadataPathFinder.find_distributions",
     ], "the spies no longer see metadata scans; fix the test"
-    loaded = result["all"]
-    bad = [m for m in loaded if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)]
+    # "new": the child itself imports importlib_metadata (to watch it) before the plugin.
+    bad = [m for m in result["new"] if any(m == f or m.startswith(f + ".") for f in FORBIDDEN)]
     assert bad == [], f"imported while nothing is selected: {bad}"
     assert not result["meta_path_changed"], "an import hook was installed while nothing is selected"
-    foreign = sorted(
-        {_top(m) for m in result["new"]} - ALLOWED_THIRD_PARTY - set(sys.stdlib_module_names) - {"__main__"}
-    )
+    ours = {m for m in result["new"] if _top(m) == "vllm_custom_patches"}
+    assert ours == ALLOWED_NEW, f"register() with nothing selected imported more of the package: {sorted(ours - ALLOWED_NEW)}"
+    foreign = sorted({_top(m) for m in result["new"]} - {"vllm_custom_patches"} - set(sys.stdlib_module_names) - {"__main__"})
     assert foreign == [], f"import vllm_custom_patches.plugin pulled in unexpected packages: {foreign}"
-    assert "vllm_custom_patches.plugin" in result["new"]
 
 
-def _ratios(args: list[str], env: dict[str, str]) -> list[float]:
-    """ep.load() + register() / (import importlib.metadata + scan), one per fresh interpreter."""
-    ratios = []
+def test_public_names_still_import_on_first_use() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", (
+            "import sys, vllm_custom_patches as v\n"
+            "assert 'vllm_custom_patches._manager' not in sys.modules\n"
+            "names = {n: getattr(v, n) for n in v.__all__}\n"
+            "assert names['VLLMPatch'].__module__ == 'vllm_custom_patches._patch'\n"
+            "assert set(v.__all__) <= set(dir(v))\n"
+            "from vllm_custom_patches import PatchManager, min_vllm_version\n"
+            "print('ok', len(names))"
+        )],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["ok", "18"]
+
+
+def _costs_ms(args: list[str], env: dict[str, str]) -> list[float]:
+    """ep.load() + register() in ms, one per fresh interpreter (each has paid for the scan just before)."""
+    costs = []
     for _ in range(CHILDREN):
         result = run_child(args, env, timeout=120)
         assert result["error"] is None, result["error"]
         assert result["vllm_modules_loaded_at_end"] == result["vllm_modules_imported_by_register"]
-        baseline = result["import_importlib_metadata_s"] + result["scan_s"]
-        ratios.append(result["register_s"] / baseline)
-    return ratios
+        costs.append(result["register_s"] * 1000)
+    return costs
 
 
 def guard(args: list[str], env: dict[str, str]) -> list[float]:
-    """Median ratio per attempt, measuring again while it exceeds BOUND (at most ATTEMPTS times)."""
+    """Median cost per attempt, measuring again while it exceeds BOUND_MS (at most ATTEMPTS times)."""
     medians: list[float] = []
     for _ in range(ATTEMPTS):
-        medians.append(statistics.median(_ratios(args, env)))
-        if medians[-1] <= BOUND:
+        medians.append(statistics.median(_costs_ms(args, env)))
+        if medians[-1] <= BOUND_MS:
             break
     return medians
 
 
-def test_unset_register_costs_about_as_much_as_the_entry_point_scan() -> None:
-    medians = guard(["plugin"], child_env(None))
-    assert medians[-1] <= BOUND, (
-        f"ep.load() + register() with VLLM_CUSTOM_PATCHES unset costs {medians[-1]:.2f}x the entry-point scan "
-        f"in a fresh interpreter (bound {BOUND}x; attempts {[round(m, 2) for m in medians]}). "
+def test_unset_register_costs_at_most_5_ms_on_top_of_the_entry_point_scan(tmp_path: Path) -> None:
+    # Bytecode cached in its own folder, as for an installed package (after the first child).
+    medians = guard(["plugin"], child_env(None, tmp_path / "pycache"))
+    assert medians[-1] <= BOUND_MS, (
+        f"ep.load() + register() with VLLM_CUSTOM_PATCHES unset costs {medians[-1]:.2f} ms in a fresh "
+        f"interpreter (bound {BOUND_MS} ms; attempts {[round(m, 2) for m in medians]}). "
         f"Run `python benchmarks/run.py --only startup` for the full picture."
     )
 
@@ -200,7 +205,7 @@ def heavy_standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_guard_fails_for_a_register_that_imports_a_heavy_dependency(heavy_standin: Path) -> None:
     args = ["plugin", "--entry-point", "custom_patches=vcp_slow_register:register"]
     medians = guard(args, child_env(heavy_standin))
-    assert len(medians) == ATTEMPTS and all(m > BOUND for m in medians), (
+    assert len(medians) == ATTEMPTS and all(m > BOUND_MS for m in medians), (
         f"the guard did not catch a register() whose import pulls in {HEAVY_MODULES} modules: "
-        f"ratios {[round(m, 2) for m in medians]} vs bound {BOUND}"
+        f"{[round(m, 2) for m in medians]} ms vs bound {BOUND_MS} ms"
     )

@@ -3,22 +3,36 @@
 Write the methods you change in ``class MyPatch(VLLMPatch[Target])``; apply
 it with ``MyPatch.apply()`` or by listing it in ``VLLM_CUSTOM_PATCHES``; roll it
 back with ``MyPatch.rollback()``.  See the README for the full guide.
+
+The public names are imported on first use: vLLM imports this package's
+plugin in every process it starts, and with no patch selected that must cost
+next to nothing (see :mod:`vllm_custom_patches.plugin`).
 """
 
-from ._errors import (
-    PatchApplyError,
-    PatchConfigError,
-    PatchConflictError,
-    PatchDefinitionError,
-    PatchError,
-    PatchLoadError,
-    PatchTargetError,
-    PatchVersionError,
-    UnknownPatchError,
-)
-from ._manager import PatchManager, PatchState, PatchStatus
-from ._patch import VLLMPatch
-from ._versions import VLLMVersion, detect_vllm_version, max_vllm_version, min_vllm_version, vllm_versions
+from __future__ import annotations
+
+# Not ``typing.TYPE_CHECKING``: importing typing would be most of this
+# module's cost.  Type checkers treat any ``TYPE_CHECKING`` name as true.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    from ._errors import (
+        PatchApplyError,
+        PatchConfigError,
+        PatchConflictError,
+        PatchDefinitionError,
+        PatchError,
+        PatchLoadError,
+        PatchTargetError,
+        PatchVersionError,
+        UnknownPatchError,
+    )
+    from ._manager import PatchManager
+    from ._patch import VLLMPatch
+    from ._status import PatchState, PatchStatus
+    from ._versions import VLLMVersion, detect_vllm_version, max_vllm_version, min_vllm_version, vllm_versions
+del TYPE_CHECKING
 
 __all__ = [
     "PatchApplyError",
@@ -42,3 +56,43 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Where each public name lives.
+_HOMES = {
+    **dict.fromkeys(
+        (
+            "PatchApplyError",
+            "PatchConfigError",
+            "PatchConflictError",
+            "PatchDefinitionError",
+            "PatchError",
+            "PatchLoadError",
+            "PatchTargetError",
+            "PatchVersionError",
+            "UnknownPatchError",
+        ),
+        "_errors",
+    ),
+    "PatchManager": "_manager",
+    "PatchState": "_status",
+    "PatchStatus": "_status",
+    "VLLMPatch": "_patch",
+    **dict.fromkeys(
+        ("VLLMVersion", "detect_vllm_version", "max_vllm_version", "min_vllm_version", "vllm_versions"), "_versions"
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f"{__name__}.{home}"), name)
+    globals()[name] = value  # later lookups are plain module attributes
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

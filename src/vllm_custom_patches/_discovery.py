@@ -25,6 +25,7 @@ from typing import Any
 
 import importlib_metadata
 
+from ._env import ENV_PATH
 from ._errors import PatchConfigError, PatchDefinitionError, PatchLoadError
 from ._patch import VLLMPatch
 
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "vllm_custom_patches"
-ENV_PATH = "VLLM_CUSTOM_PATCHES_PATH"
 PATH_PACKAGE = "vllm_custom_patches_path"
 """Files from ``VLLM_CUSTOM_PATCHES_PATH`` import as ``vllm_custom_patches_path.<stem>``."""
 

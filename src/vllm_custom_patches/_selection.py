@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ._errors import PatchConfigError
-from ._patch import _NAME
+from ._env import ENV_PATCHES, ENV_STRICT
+from ._spec import PATCH_NAME
 
 __all__ = ["ENV_PATCHES", "ENV_STRICT", "Selection", "parse_selection", "parse_strict"]
 
-ENV_PATCHES = "VLLM_CUSTOM_PATCHES"
-ENV_STRICT = "VLLM_CUSTOM_PATCHES_STRICT"
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
@@ -75,7 +74,7 @@ def parse_selection(value: str | None) -> Selection:
             continue
         negated = item.startswith("-")
         name = item[1:].strip() if negated else item
-        if not _NAME.fullmatch(name):
+        if not PATCH_NAME.fullmatch(name):
             raise _config_error(
                 value,
                 f"{item!r} is not a patch name",

