@@ -198,7 +198,7 @@ class FairShare(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
 
     @override
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._original___init__(*args, **kwargs)
+        FairShare.original("__init__")(self, *args, **kwargs)
         require_fcfs_queue(self, "fair_share")
 
     @override
@@ -210,6 +210,6 @@ class FairShare(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
             ledger = self._fair_share_ledger = FairShareLedger()
         # Every step, even with nothing waiting: the ledger tracks who is active.
         reorder_in_place(self.waiting, ledger.order(self.waiting, self.running, settings))
-        output = self._original_schedule(throttle_prefills)
+        output: SchedulerOutput = FairShare.original("schedule")(self, throttle_prefills)
         ledger.charge(output.num_scheduled_tokens, self.requests, settings)
         return output

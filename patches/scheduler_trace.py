@@ -172,7 +172,7 @@ class SchedulerTrace(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
     def _update_after_schedule(self, scheduler_output: SchedulerOutput) -> None:
         # Read before vLLM's code runs: it resets the finished/preempted sets.
         record = trace_record(self, scheduler_output)
-        self._original__update_after_schedule(scheduler_output)
+        SchedulerTrace.original("_update_after_schedule")(self, scheduler_output)
         settings: TraceSettings = self._trace_settings
         try:
             append_line(settings.path, record)

@@ -111,7 +111,7 @@ class ShortestPromptFirst(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
 
     @override
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._original___init__(*args, **kwargs)
+        ShortestPromptFirst.original("__init__")(self, *args, **kwargs)
         require_fcfs_queue(self, "shortest_prompt_first")
 
     @override
@@ -121,4 +121,4 @@ class ShortestPromptFirst(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
         if len(waiting) > 1:
             settings: SpfSettings = self._spf_settings
             reorder_in_place(waiting, spf_order(waiting, now=time.time(), max_wait_s=settings.max_wait_s))
-        return self._original_schedule(throttle_prefills)
+        return ShortestPromptFirst.original("schedule")(self, throttle_prefills)

@@ -30,4 +30,4 @@ class AdmissionLog(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
     @override
     def add_request(self, request: Any) -> None:
         logger.info("admitted request %s (%d prompt tokens)", request.request_id, request.num_prompt_tokens)
-        self._original_add_request(request)
+        AdmissionLog.original("add_request")(self, request)
