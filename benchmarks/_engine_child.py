@@ -4,7 +4,7 @@ Run as ``python -P benchmarks/_engine_child.py SPEC_JSON`` with the environment
 the parent sets up (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the tiny model's
 ``ENGINE_ENV``, temporary ``VLLM_CACHE_ROOT`` / ``VLLM_RPC_BASE_PATH``, no
 ``VLLM_CUSTOM_PATCHES``).  It builds ONE in-process vLLM engine on the tiny
-model (``vllm_custom_patches._tiny_model``; dummy weights, token-id prompts)
+model (``vllm_custom_patches.testing``; dummy weights, token-id prompts)
 and then runs phases on it, each the same fixed batch of requests through
 ``llm.generate``:
 
@@ -72,7 +72,7 @@ def main(spec: dict[str, Any]) -> dict[str, Any]:
     import vllm
 
     from vllm_custom_patches import PatchManager
-    from vllm_custom_patches._tiny_model import ENGINE_KWARGS, write_tiny_model
+    from vllm_custom_patches.testing import ENGINE_KWARGS, write_tiny_model
 
     result["import_vllm_s"] = clock() - t0
     result["vllm_version"] = getattr(vllm, "__version__", None)

@@ -2,7 +2,7 @@
 
 One child process (``benchmarks/_engine_child.py``) builds ONE in-process vLLM
 engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) on the tiny model of
-``vllm_custom_patches._tiny_model`` (dummy weights, token-id prompts, no
+``vllm_custom_patches.testing`` (dummy weights, token-id prompts, no
 download) and runs the same batch of requests through ``llm.generate`` again
 and again: first warm-up phases, then pairs of one phase without any patch and
 one with a pass-through patch on ``Scheduler.schedule`` and
@@ -80,7 +80,7 @@ def spec_for(options: RunOptions) -> dict[str, Any]:
 
 def child_env(workdir: Path) -> tuple[dict[str, str], dict[str, str]]:
     """(environment of the child, the variables this section set in it)."""
-    from vllm_custom_patches._tiny_model import ENGINE_ENV  # standard library only
+    from vllm_custom_patches.testing._model import ENGINE_ENV  # standard library only
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_CUSTOM_PATCHES") and k not in _VARS_CLEARED}
     (workdir / "rpc").mkdir()

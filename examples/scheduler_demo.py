@@ -55,7 +55,7 @@ def child(spec_path: str, out_path: str) -> None:
     import vllm
 
     from vllm_custom_patches import PatchManager
-    from vllm_custom_patches._tiny_model import ENGINE_KWARGS
+    from vllm_custom_patches.testing import ENGINE_KWARGS
 
     spec = json.loads(Path(spec_path).read_text())
     llm = vllm.LLM(model=spec["model"], skip_tokenizer_init=True, **ENGINE_KWARGS, **ENGINE_ARGS)
@@ -91,7 +91,7 @@ def child(spec_path: str, out_path: str) -> None:
 
 
 def run_engine(workdir: Path, model: Path, requests: list[Any], patches: dict[str, str]) -> dict[str, Any]:
-    from vllm_custom_patches._tiny_model import ENGINE_ENV
+    from vllm_custom_patches.testing import ENGINE_ENV
 
     workdir.mkdir()
     spec, out, log = workdir / "spec.json", workdir / "result.json", workdir / "vllm.log"
@@ -116,7 +116,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from vllm_custom_patches import PatchManager, detect_vllm_version
-    from vllm_custom_patches._tiny_model import write_tiny_model
+    from vllm_custom_patches.testing import write_tiny_model
     from vllm_custom_patches_catalogue.scheduler_trace import read_trace
 
     root = Path(tempfile.mkdtemp(prefix="vcp-demo-"))

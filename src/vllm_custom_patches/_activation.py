@@ -36,6 +36,7 @@ from ._errors import (
     PatchTargetError,
     UnknownPatchError,
 )
+from ._evidence import write_evidence
 from ._hooks import module_findable, when_imported
 from ._log import logger, route_to_vllm_handler
 from ._manager import PatchManager, PatchState, unknown_name_message
@@ -265,6 +266,7 @@ def _on_import(group: list[_Candidate], strict: bool, value: str, epoch: Epoch, 
             if applied_now:
                 applied.append(candidate)
                 logger.info(PREFIX + ": applied pending patch %r on import of %s", pid, candidate.name, module.__name__)
+    write_evidence()
     if failed:
         if strict:
             # The failed import drops the module from sys.modules, and with it
@@ -286,6 +288,7 @@ def _on_import(group: list[_Candidate], strict: bool, value: str, epoch: Epoch, 
 def _finish(report: Report, strict: bool, value: str) -> Report:
     route_to_vllm_handler()
     logger.info("%s", report.summary())
+    write_evidence()
     if report.failed:
         if strict:
             raise _combined(report.failed, value)

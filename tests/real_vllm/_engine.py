@@ -234,7 +234,7 @@ def _engine_main(spec: dict[str, Any]) -> dict[str, Any]:
     import vllm
 
     from vllm_custom_patches import PatchManager
-    from vllm_custom_patches._tiny_model import ENGINE_KWARGS
+    from vllm_custom_patches.testing import ENGINE_KWARGS
 
     for name in spec.get("import", []):
         importlib.import_module(f"vllm_custom_patches_catalogue.{name}")

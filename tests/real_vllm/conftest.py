@@ -62,7 +62,7 @@ class VllmWorkspace:
         """An environment for a process that starts vLLM: no patch selected unless ``extra`` says so."""
         from _engine import clean_env
 
-        from vllm_custom_patches._tiny_model import ENGINE_ENV
+        from vllm_custom_patches.testing import ENGINE_ENV
 
         return clean_env(
             os.environ,
@@ -88,7 +88,7 @@ class VllmWorkspace:
 @pytest.fixture(scope="session")
 def vllm_workspace() -> Iterator[VllmWorkspace]:
     _check_vllm()
-    from vllm_custom_patches._tiny_model import write_tiny_model
+    from vllm_custom_patches.testing import write_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="vcp-"))
     (root / "rpc").mkdir()

@@ -10,9 +10,7 @@ builds one offline (no Hugging Face Hub access) from a fixed corpus.
 Typical use::
 
     import os, tempfile
-    from vllm_custom_patches._tiny_model import (
-        ENGINE_ENV, ENGINE_KWARGS, write_tiny_model,
-    )
+    from vllm_custom_patches.testing import ENGINE_ENV, ENGINE_KWARGS, write_tiny_model
 
     tmp = tempfile.mkdtemp()
     os.environ.update(ENGINE_ENV)

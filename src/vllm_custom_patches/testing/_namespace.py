@@ -1,15 +1,4 @@
-"""Helpers for testing patches (and for this project's own tests).
-
-Typical use in a patch author's test suite::
-
-    from vllm_custom_patches.testing import applied, isolated_registry, snapshot_namespace
-
-    def test_my_patch_changes_schedule():
-        before = snapshot_namespace(Scheduler)
-        with applied(MyPatch):
-            ...  # exercise the patched Scheduler
-        before.assert_unchanged()
-"""
+"""In-process helpers: apply patches for a block, snapshot a class's namespace, isolate the registry."""
 
 from __future__ import annotations
 
@@ -18,8 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._graft import MISSING
-from ._manager import PatchManager, PatchRef
+from .._graft import MISSING
+from .._manager import PatchManager, PatchRef
 
 __all__ = ["NamespaceSnapshot", "applied", "isolated_registry", "snapshot_namespace"]
 
