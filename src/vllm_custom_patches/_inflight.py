@@ -71,6 +71,9 @@ class Lingerers:
 
     def add(self, entry: Lingering) -> None:
         self.entries[(entry.target, entry.name)] = entry
+        self._ensure_sweeper()
+
+    def _ensure_sweeper(self) -> None:
         if self._sweeper is None or not self._sweeper.is_alive():
             self._sweeper = threading.Thread(target=self._sweep_until_done, name="vcp-rollback-sweeper", daemon=True)
             self._sweeper.start()
@@ -115,5 +118,5 @@ class Lingerers:
         # Threads do not survive a fork; the child needs its own sweeper.
         self._sweeper = None
         if self.entries:
-            self.add(next(iter(self.entries.values())))
+            self._ensure_sweeper()
 

@@ -9,7 +9,7 @@
   the tiny model: a real engine in fresh processes with patches selected
   through ``VLLM_CUSTOM_PATCHES``, returning outputs and per-process evidence.
 
-Loading this plugin imports neither vLLM nor the patch machinery.
+Loading this plugin never imports vLLM; only running an engine does, in a child process.
 """
 
 from __future__ import annotations
