@@ -9,10 +9,12 @@ DEV_STAMP := $(VENV)/.vcp-dev.stamp
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Re-installs only when pyproject.toml changes.
-$(DEV_STAMP): pyproject.toml | $(BIN)/python
+# Re-installs only when a pyproject.toml changes.  The example patch package
+# (examples/patch-package) is installed too: the test suite runs its own tests.
+$(DEV_STAMP): pyproject.toml examples/patch-package/pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet --no-deps -e examples/patch-package
 	touch $@
 
 setup: $(DEV_STAMP)

@@ -37,14 +37,15 @@ LATE = "vcp_late_target"
 
 @pytest.fixture(autouse=True)
 def _without_the_shipped_catalogue(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only this file's patches are known: the catalogue this project installs would join every '*'."""
+    """Only this file's patches are known: the catalogue (and any patch package installed, such as
+    examples/patch-package) would join every '*'; the throw-away test distributions are named vcp-*."""
     real = _activation.find_entry_points
 
     def without_catalogue() -> dict[str, Any]:
         return {
             name: entry
             for name, entry in real().items()
-            if all(ep.dist is None or ep.dist.name != "vllm-custom-patches" for ep in entry.declared)
+            if all(ep.dist is None or ep.dist.name.startswith("vcp-") for ep in entry.declared)
         }
 
     monkeypatch.setattr(_activation, "find_entry_points", without_catalogue)
