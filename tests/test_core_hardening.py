@@ -449,6 +449,13 @@ def test_a_mixin_defining_eq_does_not_graft_the_implicit_hash() -> None:
 # -- 11. rollback while a call is inside the patched method ----------------------
 
 
+def _wait_until_removed(cls: type, name: str, timeout: float = 5) -> None:
+    """The sweeper removes a lingering original soon after the last call returns."""
+    deadline = time.monotonic() + timeout
+    while name in vars(cls) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
 def test_a_call_in_progress_survives_a_rollback_and_the_original_goes_after() -> None:
     class Engine:
         def step(self) -> str:
@@ -474,9 +481,7 @@ def test_a_call_in_progress_survives_a_rollback_and_the_original_goes_after() ->
     release.set()
     worker.join(5)
     assert results == ["patched>original"]
-    deadline = time.monotonic() + 5
-    while "_original_step" in vars(Engine) and time.monotonic() < deadline:
-        time.sleep(0.005)
+    _wait_until_removed(Engine, "_original_step")
     before.assert_unchanged()
 
 
@@ -525,7 +530,5 @@ def test_rollback_from_inside_the_patched_method_keeps_its_original() -> None:
     before = snapshot_namespace(Engine)
     SelfRemoving.apply()
     assert Engine().step() == "patched>original"
-    deadline = time.monotonic() + 5
-    while "_original_step" in vars(Engine) and time.monotonic() < deadline:
-        time.sleep(0.005)
+    _wait_until_removed(Engine, "_original_step")
     before.assert_unchanged()

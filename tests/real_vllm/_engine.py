@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from vllm_custom_patches.testing._engine import _stop, _tail
 
 HERE = Path(__file__).resolve()
 
@@ -114,25 +115,9 @@ def run_child(mode: str, spec: Mapping[str, Any], env: Mapping[str, str], workdi
     return start_child(mode, spec, env, workdir).result(timeout)
 
 
-def tail(path: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError as exc:
-        return f"(no log: {exc})"
-
-
-def _stop_group(proc: subprocess.Popen[bytes], grace: float = 30) -> None:
-    """SIGTERM the process (vLLM then stops its own children), SIGKILL its session if it lingers."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)  # the session this test started for it
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=10)
+# The kit's own process handling (vllm_custom_patches.testing runs engines the same way).
+tail = _tail
+_stop_group = _stop
 
 
 # -- the OpenAI-compatible server ----------------------------------------------
