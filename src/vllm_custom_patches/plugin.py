@@ -6,7 +6,9 @@ worker; spawned or forked), so every process applies the same patches.
 
 Importing this module and calling :func:`register` with ``VLLM_CUSTOM_PATCHES``
 unset or empty costs an environment lookup: no vLLM module, no entry-point
-scan, no import hook.  If ``VLLM_PLUGINS`` is set, vLLM loads only the general
+scan, no import hook.  Inside vLLM (``vllm.envs`` imported) it also declares
+any ``VLLM_CUSTOM_PATCHES*`` variable set to vLLM (see ``_vllm_env``), so that
+``--fail-on-environ-validation`` accepts them.  If ``VLLM_PLUGINS`` is set, vLLM loads only the general
 plugins it lists (exact, comma-separated, no spaces): include
 ``custom_patches`` there.
 """
@@ -61,6 +63,10 @@ def register() -> None:
             if _state.error is not None:
                 raise _state.error
             return
+        if "vllm.envs" in sys.modules:  # inside vLLM: checked only there, so free elsewhere
+            from ._vllm_env import declare_to_vllm
+
+            declare_to_vllm(os.environ)
         if not os.environ.get(ENV_PATCHES, "").strip():
             _state.done = True
             if "logging" in sys.modules:  # always, inside vLLM; not worth importing otherwise

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,14 +144,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(model: str, env: Mapping[str, str], log: Path, timeout: float = 300) -> Server:
+def start_server(
+    model: str, env: Mapping[str, str], log: Path, timeout: float = 300, extra_args: Sequence[str] = ()
+) -> Server:
     """Start ``vllm.entrypoints.openai.api_server`` on 127.0.0.1 and wait until /v1/models answers."""
     port = free_port()
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", model, "--load-format", "dummy", "--max-model-len", "128",
         "--enforce-eager", "--dtype", "float32", "--max-num-seqs", "1",
-        "--no-enable-prefix-caching", "--host", "127.0.0.1", "--port", str(port),
+        "--no-enable-prefix-caching", "--host", "127.0.0.1", "--port", str(port), *extra_args,
     ]  # fmt: skip
     started = time.monotonic()
     with open(log, "wb") as log_file:

@@ -1,5 +1,8 @@
 """A real ``vllm serve`` (OpenAI-compatible server) with catalogue patches enabled by env var.
 
+It runs with ``--fail-on-environ-validation``: it would not start if vLLM
+did not know the ``VLLM_CUSTOM_PATCHES*`` variables set for it.
+
 One server for the module (about 35 s to start on 2 cores), queried over HTTP
 with the ``openai`` client; the last test stops it.
 """
@@ -26,7 +29,11 @@ def server(vllm_workspace: Any) -> Iterator[Server]:
         VLLM_CUSTOM_PATCHES_TRACE_FILE=str(workdir / "trace.jsonl"),
         VLLM_CUSTOM_PATCHES_FAIR_SHARE_WEIGHTS="alice=2,bob=1",
     )
-    srv = start_server(str(vllm_workspace.model), env, workdir / "server.log")
+    # --fail-on-environ-validation: vLLM refuses unknown VLLM_* variables, and the plugin
+    # declares its own (and the catalogue's) before vLLM validates.
+    srv = start_server(
+        str(vllm_workspace.model), env, workdir / "server.log", extra_args=["--fail-on-environ-validation"]
+    )
     srv.trace = workdir / "trace.jsonl"
     try:
         yield srv
