@@ -532,3 +532,26 @@ def test_rollback_from_inside_the_patched_method_keeps_its_original() -> None:
     assert Engine().step() == "patched>original"
     _wait_until_removed(Engine, "_original_step")
     before.assert_unchanged()
+
+
+def test_a_class_refusing_its_abstractmethods_update_keeps_the_ledger_in_step() -> None:
+    class Refusing(abc.ABCMeta):
+        def __setattr__(cls, name: str, value: Any) -> None:
+            if name == "__abstractmethods__" and "_sealed" in vars(cls):
+                raise TypeError("__abstractmethods__ is sealed")
+            super().__setattr__(name, value)
+
+    class Policy(metaclass=Refusing):
+        @abc.abstractmethod
+        def pick(self) -> int: ...
+
+    type.__setattr__(Policy, "_sealed", True)
+
+    class Picks(VLLMPatch[Policy]):
+        def pick(self) -> int:
+            return 7
+
+    before = snapshot_namespace(Policy)
+    assert Picks.apply() and Picks.is_applied()  # applied and recorded, abc merely left as it was
+    assert Picks.rollback() and not Picks.is_applied()
+    before.assert_unchanged()

@@ -11,11 +11,28 @@ from __future__ import annotations
 
 import abc
 from ._graft import MISSING, ORIGINAL_PREFIX, descendants
+from ._log import logger
 
 __all__ = ["refresh_abc_state"]
 
 
 def refresh_abc_state(
+    target: type, *, gained: bool, lost: bool, before: dict[type, object] | None = None
+) -> dict[type, object]:
+    """:func:`_refresh` that never raises: the members are already in place and recorded by then.
+
+    A class that refuses the recomputed ``__abstractmethods__`` (a metaclass of
+    its own) must not leave the ledger out of step with the target; what abc
+    keeps is then only logged as possibly stale.
+    """
+    try:
+        return _refresh(target, gained=gained, lost=lost, before=before)
+    except Exception as exc:
+        logger.warning("could not refresh abc's bookkeeping of %s: %r", target.__qualname__, exc)
+        return {}
+
+
+def _refresh(
     target: type, *, gained: bool, lost: bool, before: dict[type, object] | None = None
 ) -> dict[type, object]:
     """Bring ``abc``'s view of ``target``'s hierarchy up to date after members changed.
