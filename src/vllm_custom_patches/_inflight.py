@@ -85,9 +85,9 @@ class Lingerers:
             return None
         return entry
 
-    def adopt(self, target: type, name: str) -> bool:
-        """Hand a lingering ``target.name`` over to an apply that sets it again; True if it was lingering."""
-        return self.entries.pop((target, name), None) is not None
+    def adopt(self, target: type, name: str) -> None:
+        """Hand a lingering ``target.name`` over to an apply that sets it again: the sweeper forgets it."""
+        self.entries.pop((target, name), None)
 
     def sweep(self) -> None:
         """Remove every lingering original no thread can still reach."""

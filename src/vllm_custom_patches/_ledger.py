@@ -73,7 +73,7 @@ def rollback(name: str) -> bool:
         for change in record.changes:
             if vars(target).get(change.name, MISSING) is not change.new:
                 raise PatchConflictError(
-                    f"cannot roll back patch {name!r}: {_qualname(target)}.{change.name} "
+                    f"cannot roll back patch {name!r}: {target.__qualname__}.{change.name} "
                     f"was replaced after the patch was applied, by code outside this "
                     f"patch. Undo that change first; nothing was rolled back."
                 )
@@ -103,7 +103,7 @@ def rollback(name: str) -> bool:
                 "Patch %r: %d thread(s) are still inside its code; %s stay until they return",
                 name,
                 busy,
-                ", ".join(f"{_qualname(target)}.{change.name}" for change in originals),
+                ", ".join(f"{target.__qualname__}.{change.name}" for change in originals),
             )
         # What the apply gained is lost now, and the other way round.
         refresh_abc_state(target, gained=record.lost, lost=record.gained, before=record.abstracts)
@@ -116,7 +116,7 @@ def rollback(name: str) -> bool:
         reg.outcomes.pop(name, None)
     if errors:
         raise PatchApplyError(
-            f"patch {name!r}: {len(errors)} member(s) of {_qualname(target)} could not be "
+            f"patch {name!r}: {len(errors)} member(s) of {target.__qualname__} could not be "
             f"restored: {errors[0]!r}"
         ) from errors[0]
     logger.info("Rolled back patch %r from %s", name, _label(target))
@@ -164,15 +164,15 @@ def _graft(patch_cls: type[VLLMPatch[Any]], spec: PatchSpec, target: type) -> Ap
         undo_errors = tx.undo()
         if undo_errors:
             raise PatchApplyError(
-                f"patch {spec.name!r}: setting {_qualname(target)}.{member} failed "
+                f"patch {spec.name!r}: setting {target.__qualname__}.{member} failed "
                 f"({type(exc).__name__}: {exc}) and {len(undo_errors)} earlier change(s) "
-                f"could not be undone ({undo_errors[0]!r}); {_qualname(target)} is inconsistent."
+                f"could not be undone ({undo_errors[0]!r}); {target.__qualname__} is inconsistent."
             ) from exc
         if not isinstance(exc, Exception) or isinstance(exc, PatchError):
             raise
         raise PatchApplyError(
-            f"patch {spec.name!r}: setting {_qualname(target)}.{member} failed: "
-            f"{type(exc).__name__}: {exc}. {_qualname(target)} was left unchanged."
+            f"patch {spec.name!r}: setting {target.__qualname__}.{member} failed: "
+            f"{type(exc).__name__}: {exc}. {target.__qualname__} was left unchanged."
         ) from exc
     # Members came and went: what abc computed from them may be stale.
     gained = bool(plan.additions) or any(original is None for _, original in plan.overrides)
@@ -198,10 +198,6 @@ def _describe(overrides: tuple[str, ...], additions: tuple[str, ...]) -> str:
     if additions:
         parts.append("adds " + ", ".join(additions))
     return "; ".join(parts) or "no members"
-
-
-def _qualname(cls: type) -> str:
-    return cls.__qualname__
 
 
 def _label(cls: type) -> str:

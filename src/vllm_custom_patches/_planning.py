@@ -34,13 +34,13 @@ def plan_apply(spec: PatchSpec, target: type) -> Plan:
             if is_override_marked(member):
                 raise PatchTargetError(
                     f"patch {spec.name!r}: {name!r} is marked @override but "
-                    f"{_qualname(target)} has no member {name!r}; the target changed, "
+                    f"{target.__qualname__} has no member {name!r}; the target changed, "
                     f"or the name is misspelt."
                 )
             if name in spec.original_refs:
                 raise PatchTargetError(
                     f"patch {spec.name!r}: {name!r} calls self.{ORIGINAL_PREFIX}{name} but "
-                    f"{_qualname(target)} has no member {name!r} to keep as the original."
+                    f"{target.__qualname__} has no member {name!r} to keep as the original."
                 )
             plan.additions.append(name)
             continue
@@ -50,8 +50,8 @@ def plan_apply(spec: PatchSpec, target: type) -> Plan:
             # after rollback ``Target(arg)`` would raise "object.__new__()
             # takes exactly one argument".  No exact rollback, so no apply.
             raise PatchTargetError(
-                f"patch {spec.name!r} replaces {_qualname(target)}.__new__, which "
-                f"{_qualname(target)} inherits from object; CPython cannot restore that "
+                f"patch {spec.name!r} replaces {target.__qualname__}.__new__, which "
+                f"{target.__qualname__} inherits from object; CPython cannot restore that "
                 f"slot on rollback. Patch __init__ instead, or give the class hierarchy "
                 f"a __new__ of its own to patch."
             )
@@ -70,13 +70,13 @@ def check_conflicts(reg: Registry, spec: PatchSpec, target: type, plan: Plan) ->
         if other is not None:
             raise PatchConflictError(
                 f"patch {spec.name!r} conflicts with applied patch {other!r}: both set "
-                f"{_qualname(target)}.{member}. Roll {other!r} back first, or merge the two."
+                f"{target.__qualname__}.{member}. Roll {other!r} back first, or merge the two."
             )
     related = _sharing_instances(target)
     for original in originals:
         if original in vars(target) and reg.lingerers.lingering(target, original) is None:
             raise PatchConflictError(
-                f"patch {spec.name!r}: {_qualname(target)} already has its own "
+                f"patch {spec.name!r}: {target.__qualname__} already has its own "
                 f"{original!r}, not made by vllm-custom-patches; the original of "
                 f"{original[len(ORIGINAL_PREFIX):]!r} cannot be kept under that name."
             )
@@ -94,8 +94,8 @@ def check_conflicts(reg: Registry, spec: PatchSpec, target: type, plan: Plan) ->
                 else:
                     who = "code outside vllm-custom-patches"
                 raise PatchConflictError(
-                    f"patch {spec.name!r} cannot replace {_qualname(target)}."
-                    f"{original[len(ORIGINAL_PREFIX):]}: {_qualname(klass)}.{original} "
+                    f"patch {spec.name!r} cannot replace {target.__qualname__}."
+                    f"{original[len(ORIGINAL_PREFIX):]}: {klass.__qualname__}.{original} "
                     f"(set by {who}) is in the same class hierarchy (the MRO of the same "
                     f"instances), and self.{original} would resolve to the wrong original. "
                     f"Patch this member on one class of the hierarchy only."
@@ -108,8 +108,8 @@ def check_conflicts(reg: Registry, spec: PatchSpec, target: type, plan: Plan) ->
         if other is not None:
             raise PatchConflictError(
                 f"patch {spec.name!r} conflicts with applied patch {other!r}: it would keep "
-                f"{_qualname(holder)}.{member}, which {other!r} set, as the original of "
-                f"{_qualname(target)}.{member}, and the two would stack. Roll {other!r} back "
+                f"{holder.__qualname__}.{member}, which {other!r} set, as the original of "
+                f"{target.__qualname__}.{member}, and the two would stack. Roll {other!r} back "
                 f"first, or merge the two."
             )
 
@@ -127,7 +127,3 @@ def _sharing_instances(cls: type) -> list[type]:
             if klass is not cls:
                 related[klass] = None
     return list(related)
-
-
-def _qualname(cls: type) -> str:
-    return cls.__qualname__
