@@ -307,7 +307,7 @@ def _combined(failed: list[tuple[str, PatchError]], value: str) -> PatchError:
     lines = "\n".join(f"  - {_entry(label, exc)}" for label, exc in failed)
     message = (
         f"vllm-custom-patches: {ENV_PATCHES}={value!r} cannot be honoured in process "
-        f"{os.getpid()}:\n{lines}\nFix the patch or the setting named above, remove the patch "
+        f"{os.getpid()}{_process_name()}:\n{lines}\nFix the patch or the setting named above, remove the patch "
         f"from {ENV_PATCHES}, or set {ENV_STRICT}=0 to log such problems and start without "
         f"those patches."
     )
@@ -317,6 +317,15 @@ def _combined(failed: list[tuple[str, PatchError]], value: str) -> PatchError:
         error = PatchApplyError(message)
     error.__cause__ = first
     return error
+
+
+def _process_name() -> str:
+    # vLLM names its processes after their role and rank (EngineCore_DP1,
+    # VllmWorker-1): in a multi-rank server that is what says where it failed.
+    import multiprocessing
+
+    name = multiprocessing.current_process().name
+    return "" if name == "MainProcess" else f" ({name})"
 
 
 def _reason(label: str, exc: BaseException) -> str:

@@ -3,10 +3,12 @@
     vllm-custom-patches list             # every patch this environment can see
     vllm-custom-patches check [NAME...]  # try them against the installed vLLM, then roll back
     vllm-custom-patches version          # the vLLM version the gates compare
+    vllm-custom-patches status --url URL # a running server: every process's patches
 
 ``--json`` gives machine-readable output.  ``check`` exits 1 if any checked
 patch would fail, which makes it usable as a container health gate before
-``vllm serve``.
+``vllm serve``; ``status`` exits 1 if the server's processes disagree and 2
+if it cannot tell (see ``_remote``).
 """
 
 from __future__ import annotations
@@ -55,9 +57,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         "a patch named here or in the variable fails, one taken in by '*' is skipped, as in vLLM",
     )
     commands.add_parser("version", help="the detected vLLM version")
-    for sub in (listing, check, commands.choices["version"]):
+    status = commands.add_parser(
+        "status",
+        help="ask a running vLLM server which patches each of its processes has applied",
+        description="GET URL/custom_patches (the custom_patches endpoint plugin) and show every process "
+        "of the server: exit 0 if consistent, 1 if a process lacks a patch others of its role have "
+        "or did not answer, 2 if the server cannot tell.",
+    )
+    status.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
+    status.add_argument(
+        "--api-key",
+        default=os.environ.get("VLLM_API_KEY") or None,
+        help="the server's API key, if it has one (default: $VLLM_API_KEY)",
+    )
+    status.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (default 30)")
+    for sub in (listing, check, commands.choices["version"], status):
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
+
+    if args.command == "status":
+        return _status(args)
 
     if args.command == "version":
         detected = detect_vllm_version()
@@ -78,6 +97,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         _print_table(rows)
     return 1 if any(row.result == "failed" for row in rows) else 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from ._remote import RemoteError, fetch_status, print_status, status_exit_code
+
+    try:
+        report = fetch_status(args.url, args.api_key, timeout=args.timeout)
+    except RemoteError as exc:
+        print(f"vllm-custom-patches: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_status(report, sys.stdout)
+    return status_exit_code(report)
 
 
 def _sources(import_modules: bool) -> tuple[dict[str, str], dict[str, type[VLLMPatch[Any]] | PatchError]]:

@@ -8,9 +8,11 @@ Importing this module and calling :func:`register` with ``VLLM_CUSTOM_PATCHES``
 unset or empty costs an environment lookup: no vLLM module, no entry-point
 scan, no import hook.  Inside vLLM (``vllm.envs`` imported) it also declares
 any ``VLLM_CUSTOM_PATCHES*`` variable set to vLLM (see ``_vllm_env``), so that
-``--fail-on-environ-validation`` accepts them.  If ``VLLM_PLUGINS`` is set, vLLM loads only the general
-plugins it lists (exact, comma-separated, no spaces): include
-``custom_patches`` there.
+``--fail-on-environ-validation`` accepts them, and gives vLLM's engine-core and
+worker classes the read-only method through which the ``custom_patches``
+endpoint plugin asks each process for its status (see ``_agent``).  If
+``VLLM_PLUGINS`` is set, vLLM loads only the general plugins it lists (exact,
+comma-separated, no spaces): include ``custom_patches`` there.
 """
 
 from __future__ import annotations
@@ -64,9 +66,12 @@ def register() -> None:
                 raise _state.error
             return
         if "vllm.envs" in sys.modules:  # inside vLLM: checked only there, so free elsewhere
+            from ._agent import install_responders
             from ._vllm_env import declare_to_vllm
 
             declare_to_vllm(os.environ)
+            # Even with nothing selected: the status endpoint must hear "nothing applied" from here.
+            install_responders()
         if not os.environ.get(ENV_PATCHES, "").strip():
             _state.done = True
             if "logging" in sys.modules:  # always, inside vLLM; not worth importing otherwise

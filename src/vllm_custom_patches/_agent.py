@@ -1,0 +1,166 @@
+"""The engine side of the status plane: what each vLLM process answers about its patches.
+
+The ``custom_patches`` endpoint plugin runs in the API server only; it reaches
+the other processes the way vLLM's own handlers do.  For that, the general
+plugin (which runs in every process) gives two vLLM classes one method each,
+under a name no vLLM member uses:
+
+* ``EngineCore.vllm_custom_patches_status``: a *utility method*, which the
+  API server calls on every engine core (every data-parallel rank, on every
+  node) through the engine client.  vLLM runs utility calls on the engine's
+  busy-loop thread between two scheduler steps.  It answers for itself and
+  asks its workers through ``collective_rpc``.
+* ``WorkerWrapperBase.vllm_custom_patches_status``: the worker-side RPC method
+  (one answer per tensor/pipeline-parallel rank).
+
+Both only read (``PatchManager.status()``); vLLM's docs name this pairing of an
+endpoint plugin with a general plugin that installs the engine-side method.
+The methods are plain additions outside :class:`PatchManager` (they are not
+patches a user selects) and are installed whenever the plugin runs in a vLLM
+process, patches selected or not: a process with nothing selected must still
+answer "nothing applied", or a node started without ``VLLM_CUSTOM_PATCHES``
+would go unnoticed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["STATUS_METHOD", "WORKER_TIMEOUT_S", "install_responders", "process_record"]
+
+STATUS_METHOD = "vllm_custom_patches_status"
+"""The name of the utility method (engine core) and RPC method (worker)."""
+
+WORKER_TIMEOUT_S = 5.0
+"""How long an engine core waits for its workers' answers (it blocks its loop meanwhile)."""
+
+_ROLE_API_SERVER = "api_server"
+_ROLE_ENGINE_CORE = "engine_core"
+_ROLE_WORKER = "worker"
+
+
+def process_record(
+    role: str, *, dp_rank: int | None = None, tp_rank: int | None = None, pp_rank: int | None = None
+) -> dict[str, Any]:
+    """This process as the status endpoint reports it: who it is and what it has applied."""
+    from ._manager import PatchManager
+    from ._env import ENV_PATCHES
+
+    return {
+        "role": role,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "process": multiprocessing.current_process().name,
+        "dp_rank": dp_rank,
+        "tp_rank": tp_rank,
+        "pp_rank": pp_rank,
+        "selection": os.environ.get(ENV_PATCHES, ""),
+        "applied": PatchManager.applied(),
+        # Without the docstrings: this is sent once per process on every status request.
+        "patches": [{k: v for k, v in s.as_dict().items() if k != "description"} for s in PatchManager.status()],
+        "error": None,
+    }
+
+
+def unreachable_record(role: str, error: str, *, dp_rank: int | None = None, tp_rank: int | None = None) -> dict[str, Any]:
+    """A process that could not answer: ranks as far as they are known, nothing applied, why."""
+    return {
+        "role": role,
+        "pid": None,
+        "host": None,
+        "process": None,
+        "dp_rank": dp_rank,
+        "tp_rank": tp_rank,
+        "pp_rank": None,
+        "selection": None,
+        "applied": [],
+        "patches": [],
+        "error": error,
+    }
+
+
+def _engine_core_status(engine_core: Any) -> dict[str, Any]:
+    """Utility method of vLLM's EngineCore: this engine core and its workers."""
+    parallel = engine_core.vllm_config.parallel_config
+    dp_rank = _dp_rank(parallel)
+    record = process_record(_ROLE_ENGINE_CORE, dp_rank=dp_rank)
+    try:
+        workers = list(engine_core.model_executor.collective_rpc(STATUS_METHOD, timeout=WORKER_TIMEOUT_S))
+    except Exception as exc:  # report, never fail the engine for a status question
+        error = f"its workers did not answer: {type(exc).__name__}: {exc}"
+        workers = [
+            unreachable_record(_ROLE_WORKER, error, dp_rank=dp_rank, tp_rank=rank % parallel.tensor_parallel_size)
+            for rank in range(parallel.tensor_parallel_size * parallel.pipeline_parallel_size)
+        ]
+    return {"engine_core": record, "workers": workers}
+
+
+def _worker_status(wrapper: Any) -> dict[str, Any]:
+    """RPC method of vLLM's WorkerWrapperBase: this worker."""
+    return process_record(_ROLE_WORKER, **_worker_ranks(wrapper))
+
+
+def _worker_ranks(wrapper: Any) -> dict[str, int | None]:
+    # vLLM's process groups are the truth once the worker's device is set up;
+    # before that (or if their API moves), derive the ranks from the config.
+    parallel = wrapper.vllm_config.parallel_config
+    try:
+        from vllm.distributed import parallel_state
+
+        return {
+            "dp_rank": _dp_rank(parallel),
+            "tp_rank": parallel_state.get_tp_group().rank_in_group,
+            "pp_rank": parallel_state.get_pp_group().rank_in_group,
+        }
+    except Exception:
+        rank = getattr(getattr(wrapper, "worker", None), "rank", wrapper.rpc_rank)
+        tp_size = parallel.tensor_parallel_size
+        return {"dp_rank": _dp_rank(parallel), "tp_rank": rank % tp_size, "pp_rank": rank // tp_size}
+
+
+def _dp_rank(parallel: Any) -> int | None:
+    # vLLM 0.32 keeps the engine's global data-parallel rank in
+    # data_parallel_index; data_parallel_rank stays 0 in every engine of a
+    # server that balances its ranks itself (``--data-parallel-size N``).
+    rank = getattr(parallel, "data_parallel_index", None)
+    return rank if isinstance(rank, int) else getattr(parallel, "data_parallel_rank", None)
+
+
+_RESPONDERS: tuple[tuple[str, str, Callable[[Any], dict[str, Any]]], ...] = (
+    ("vllm.v1.engine.core", "EngineCore", _engine_core_status),
+    ("vllm.v1.worker.worker_base", "WorkerWrapperBase", _worker_status),
+)
+
+
+def install_responders() -> None:
+    """Give vLLM's engine core and worker wrapper classes their status method, where imported.
+
+    Called from the plugin's ``register()``, which vLLM calls from
+    ``EngineCore.__init__`` and ``WorkerWrapperBase.init_worker``: the class
+    that matters in a process is always imported by then.  Idempotent; a
+    member of that name which is not ours is left alone (and logged).
+    """
+    for module_name, class_name, responder in _RESPONDERS:
+        module = sys.modules.get(module_name)
+        cls = getattr(module, class_name, None) if module is not None else None
+        if not isinstance(cls, type):
+            continue
+        present = cls.__dict__.get(STATUS_METHOD)
+        if present is responder:
+            continue
+        if present is not None:
+            from ._log import logger
+
+            logger.warning(
+                "vllm-custom-patches: %s.%s already exists and is not ours; the status endpoint "
+                "will not see this process's patches",
+                class_name,
+                STATUS_METHOD,
+            )
+            continue
+        setattr(cls, STATUS_METHOD, responder)

@@ -1,0 +1,148 @@
+"""The server-wide view: every process of a running vLLM server, and whether they agree.
+
+:func:`collect` runs in the API server (the endpoint plugin calls it) and asks
+every engine core (every data-parallel rank, on every node) for itself and its
+workers, through the engine client; one engine that cannot answer is reported
+as such without hiding the others.  :func:`analyse` is pure: the CLI uses it
+too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from ._agent import STATUS_METHOD, WORKER_TIMEOUT_S, process_record, unreachable_record
+
+__all__ = ["ENGINE_TIMEOUT_S", "analyse", "collect", "describe_process"]
+
+ENGINE_TIMEOUT_S = WORKER_TIMEOUT_S + 3.0
+"""How long the API server waits for one engine core (which itself waits for its workers)."""
+
+
+async def collect(engine_client: Any, timeout: float = ENGINE_TIMEOUT_S) -> dict[str, Any]:
+    """Ask every process of this server for its patch status; the endpoint's JSON.
+
+    ``engine_client`` is vLLM's ``EngineClient`` (``AsyncLLM``), or ``None``
+    where the server has no engine (only the API server then answers).
+    """
+    started = time.monotonic()
+    processes = [process_record("api_server")]
+    if engine_client is not None:
+        processes += await _engine_processes(engine_client, timeout)
+    report = analyse(processes)
+    report["collected_in_s"] = round(time.monotonic() - started, 4)
+    return report
+
+
+async def _engine_processes(engine_client: Any, timeout: float) -> list[dict[str, Any]]:
+    core = getattr(engine_client, "engine_core", None)
+    engines: Sequence[Any] = getattr(core, "core_engines", None) or []
+    call_one = getattr(core, "_call_utility_async", None)
+    if engines and call_one is not None:
+        # One call per engine, so one dead or unpatched engine does not hide
+        # the others (vLLM's call_utility_all_async fails as a whole).
+        calls = [asyncio.wait_for(call_one(STATUS_METHOD, engine=engine), timeout) for engine in engines]
+        dp_ranks: list[int | None] = [_engine_rank(engine) for engine in engines]
+    elif core is not None and hasattr(core, "call_utility_async"):
+        calls = [asyncio.wait_for(core.call_utility_async(STATUS_METHOD), timeout)]
+        dp_ranks = [None]
+    else:
+        return [unreachable_record("engine_core", f"this vLLM's engine client ({type(engine_client).__name__}) "
+                                   "offers no way to reach the engine cores")]
+    answers = await asyncio.gather(*calls, return_exceptions=True)
+    processes: list[dict[str, Any]] = []
+    for dp_rank, answer in zip(dp_ranks, answers):
+        if isinstance(answer, BaseException):
+            processes.append(unreachable_record("engine_core", _why(answer), dp_rank=dp_rank))
+            continue
+        processes.append(answer["engine_core"])
+        processes.extend(answer["workers"])
+    return processes
+
+
+def _engine_rank(engine: Any) -> int | None:
+    # vLLM names each engine core's socket by its data-parallel rank, as 2 little-endian bytes.
+    return int.from_bytes(engine, "little") if isinstance(engine, (bytes, bytearray)) else None
+
+
+def _why(error: BaseException) -> str:
+    if isinstance(error, asyncio.TimeoutError):
+        return "did not answer in time"
+    text = f"{type(error).__name__}: {error}"
+    if STATUS_METHOD in text:
+        return (
+            "the custom_patches plugin is not active in this engine core (is vllm-custom-patches installed "
+            f"on its node, and does its VLLM_PLUGINS include custom_patches?): {text}"
+        )
+    return text
+
+
+def describe_process(process: Mapping[str, Any]) -> str:
+    """``engine_core dp_rank=1 pid=123 on host`` (what a human needs to find it)."""
+    parts = [str(process.get("role"))]
+    for rank in ("dp_rank", "tp_rank", "pp_rank"):
+        if process.get(rank) is not None:
+            parts.append(f"{rank}={process[rank]}")
+    if process.get("pid") is not None:
+        parts.append(f"pid={process['pid']}")
+    if process.get("host"):
+        parts.append(f"on {process['host']}")
+    return " ".join(parts)
+
+
+def analyse(processes: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """``{"consistent", "inconsistencies", "errors", "processes"}`` for a list of process records.
+
+    A patch applied in some processes of a role and not in others of the same
+    role is an inconsistency (the API server never loads the scheduler, so
+    roles are compared only with themselves); a process that could not answer
+    makes the server not consistent too: nothing can be claimed about it.
+    """
+    records = [dict(p) for p in processes]
+    by_role: dict[str, list[dict[str, Any]]] = {}
+    for process in records:
+        by_role.setdefault(str(process["role"]), []).append(process)
+    inconsistencies = []
+    for role, members in by_role.items():
+        everywhere: set[str] = set()
+        for process in members:
+            everywhere.update(process["applied"])
+        for name in sorted(everywhere):
+            missing = [p for p in members if name not in p["applied"]]
+            if missing:
+                inconsistencies.append(
+                    {
+                        "role": role,
+                        "patch": name,
+                        "applied_in": len(members) - len(missing),
+                        "missing_in": [{**_identity(p), "why": _why_missing(p, name)} for p in missing],
+                    }
+                )
+    errors = [{**_identity(p), "error": p["error"]} for p in records if p.get("error")]
+    return {
+        "consistent": not inconsistencies and not errors,
+        "inconsistencies": inconsistencies,
+        "errors": errors,
+        "processes": records,
+    }
+
+
+def _identity(process: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("role", "pid", "host", "dp_rank", "tp_rank", "pp_rank")
+    return {key: process.get(key) for key in keys} | {"description": describe_process(process)}
+
+
+def _why_missing(process: Mapping[str, Any], name: str) -> str:
+    if process.get("error"):
+        return str(process["error"])
+    for patch in process.get("patches", []):
+        if patch.get("name") == name:
+            reason = patch.get("reason") or ""
+            return f"{patch.get('state')}" + (f": {reason}" if reason else "")
+    selection = process.get("selection")
+    if not selection:
+        return "VLLM_CUSTOM_PATCHES is not set in this process"
+    return f"not selected here (VLLM_CUSTOM_PATCHES={selection!r})"
