@@ -112,8 +112,8 @@ def test_process_record_is_this_process_as_the_manager_reports_it(monkeypatch: p
         PatchManager.apply(Probe)
         record = process_record("worker", dp_rank=0, tp_rank=1, pp_rank=0)
     assert record["applied"] == ["fleet_probe"]
-    assert [p["name"] for p in record["patches"]] == ["fleet_probe"]
-    assert record["patches"][0]["state"] == "applied"
+    (probe,) = [p for p in record["patches"] if p["name"] == "fleet_probe"]
+    assert probe["state"] == "applied" and probe["overrides"] == ["run"] and "description" not in probe
     assert (record["role"], record["dp_rank"], record["tp_rank"], record["pp_rank"]) == ("worker", 0, 1, 0)
     assert record["selection"] == "fleet_probe" and record["error"] is None
     assert Target().run() == "original"  # rolled back by the isolated registry

@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -193,6 +194,95 @@ def running_server(model: str, env: Mapping[str, str], log: Path) -> Iterator[Se
         yield server
     finally:
         stop_server(server)
+
+
+# -- a worker-side patch -----------------------------------------------------------
+
+#: A patch on vLLM's CPU worker, loaded through VLLM_CUSTOM_PATCHES_PATH: each
+#: time the model executes it appends the worker's rank and pid to
+#: $VCP_RANK_WITNESS_FILE, from inside the worker process.  In the process that
+#: vLLM names $VCP_BREAK_IN_PROCESS (e.g. VllmWorker-1, tensor-parallel rank 1)
+#: something else has already changed the target: an attribute under the name
+#: the patch keeps its original in, which the framework refuses to overwrite,
+#: so the patch fails there and only there.
+RANK_WITNESS_PATCH = '''
+import json
+import multiprocessing
+import os
+
+from typing_extensions import override
+
+from vllm_custom_patches import VLLMPatch
+
+if multiprocessing.current_process().name == os.environ.get("VCP_BREAK_IN_PROCESS"):
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    CPUWorker._original_execute_model = CPUWorker.execute_model  # an outside change, in this process only
+
+
+class RankWitness(VLLMPatch["vllm.v1.worker.cpu_worker:CPUWorker"]):
+    """Appends the worker's rank and pid to a file each time the model executes."""
+
+    @override
+    def execute_model(self, scheduler_output):
+        with open(os.environ["VCP_RANK_WITNESS_FILE"], "a") as out:
+            out.write(json.dumps({"rank": self.rank, "local_rank": self.local_rank, "pid": os.getpid()}) + "\\n")
+        return RankWitness.original("execute_model")(self, scheduler_output)
+'''
+
+
+def write_rank_witness(directory: Path) -> Path:
+    """Write the RankWitness patch file into ``directory`` (made for VLLM_CUSTOM_PATCHES_PATH); return it."""
+    directory.mkdir(mode=0o755, exist_ok=True)
+    path = directory / "rank_witness.py"
+    path.write_text(RANK_WITNESS_PATCH)
+    path.chmod(0o644)
+    return directory
+
+
+# -- vllm serve (vLLM's own CLI), several processes and nodes ----------------------
+
+VLLM_CLI = HERE.parent / "_vllm_cli.py"
+
+#: The flags every ``vllm serve`` of the tests gets (tiny model, CPU, one request at a time).
+SERVE_FLAGS = [
+    "--load-format", "dummy", "--max-model-len", "128", "--enforce-eager", "--dtype", "float32",
+    "--max-num-seqs", "1", "--no-enable-prefix-caching",
+]  # fmt: skip
+
+
+def launch_serve(model: str, env: Mapping[str, str], log: Path, args: Sequence[str]) -> subprocess.Popen[bytes]:
+    """Start ``vllm serve MODEL ...`` (vLLM's CLI, see ``_vllm_cli.py``) in its own session; do not wait."""
+    with open(log, "wb") as log_file:
+        return subprocess.Popen(
+            [sys.executable, str(VLLM_CLI), "serve", model, *SERVE_FLAGS, *args],
+            env=dict(env),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def wait_ready(port: int, procs: Mapping[Path, subprocess.Popen[bytes]], timeout: float = 300) -> float:
+    """Wait until ``/v1/models`` answers on ``port``; fail early, with its log, if any process exits."""
+    started = time.monotonic()
+    while True:
+        for log, proc in procs.items():
+            if proc.poll() is not None:
+                raise ChildFailed(f"vLLM process exited with {proc.returncode} during start-up ({log.name}):\n{tail(log)}")
+        if time.monotonic() - started > timeout:
+            logs = "\n".join(f"--- {log.name}\n{tail(log)}" for log in procs)
+            raise ChildFailed(f"vLLM server not ready after {timeout:.0f}s:\n{logs}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=5) as response:
+                if response.status == 200:
+                    return time.monotonic() - started
+        except urllib.error.HTTPError as exc:  # 401: up, with an API key
+            if exc.code == 401:
+                return time.monotonic() - started
+        except OSError:
+            pass
+        time.sleep(1)
 
 
 # -- what the children do ------------------------------------------------------

@@ -13,29 +13,11 @@ import json
 from pathlib import Path
 
 import pytest
+from _engine import write_rank_witness
 
 import vllm_custom_patches._env as project_env
 
 pytestmark = pytest.mark.vllm
-
-_WORKER_PATCH = '''
-import json
-import os
-
-from typing_extensions import override
-
-from vllm_custom_patches import VLLMPatch
-
-
-class RankWitness(VLLMPatch["vllm.v1.worker.cpu_worker:CPUWorker"]):
-    """Appends the worker's rank and pid to a file each time the model executes."""
-
-    @override
-    def execute_model(self, scheduler_output):
-        with open(os.environ["VCP_RANK_WITNESS_FILE"], "a") as out:
-            out.write(json.dumps({"rank": self.rank, "local_rank": self.local_rank, "pid": os.getpid()}) + "\\n")
-        return RankWitness.original("execute_model")(self, scheduler_output)
-'''
 
 
 def _settings() -> set[str]:
@@ -72,10 +54,7 @@ def test_ray_copies_every_setting_of_the_project_and_the_catalogue_to_its_worker
 def test_tensor_parallel_2_applies_a_worker_patch_in_both_ranks_and_the_scheduler_patch_in_the_engine_core(
     vllm_engine, tmp_path: Path  # type: ignore[no-untyped-def]
 ) -> None:
-    patch_dir = tmp_path / "patches"
-    patch_dir.mkdir(mode=0o755)
-    (patch_dir / "rank_witness.py").write_text(_WORKER_PATCH)
-    (patch_dir / "rank_witness.py").chmod(0o644)
+    patch_dir = write_rank_witness(tmp_path / "patches")
     witness, trace = tmp_path / "ranks.jsonl", tmp_path / "trace.jsonl"
     run = vllm_engine(
         patches=["RankWitness", "scheduler_trace"],

@@ -1,0 +1,380 @@
+"""Every rank, every node, live: data parallel, multi-node, a rank that fails, and ``GET /custom_patches``.
+
+Real ``vllm serve`` process trees (vLLM's own CLI, ``_vllm_cli.py``) on the
+tiny model, queried over real HTTP and through the installed
+``vllm-custom-patches`` console script.  Each claim rests on per-process
+evidence: pids that are live vLLM processes with vLLM's own titles, and files
+written by the patched code from inside those processes.
+
+Servers are shared per module (starting one costs 40-90 s here): one data-
+parallel server, one three-node cluster, one tensor-parallel server whose
+rank 1 cannot take the worker patch.  The tests on a shared server only read.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _engine import _stop_group, free_port, launch_serve, tail, wait_ready, write_rank_witness
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+API_KEY = "fleet-test-key"
+CLI = str(Path(sys.executable).with_name("vllm-custom-patches"))
+
+
+@dataclass
+class Cluster:
+    """One vLLM server, possibly spread over several "nodes" (process trees with their own environment)."""
+
+    port: int
+    model: str
+    procs: dict[Path, subprocess.Popen[bytes]]
+    files: dict[str, Path] = field(default_factory=dict)
+    ready_s: float = 0.0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            _stop_group(proc)
+
+
+def _get(url: str, key: str | None = API_KEY, timeout: float = 30) -> tuple[int, Any]:
+    request = urllib.request.Request(url)
+    if key is not None:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body = response.read()
+            return response.status, json.loads(body) if "json" in response.headers.get("Content-Type", "") else body
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def _complete(cluster: Cluster, prompt: str, max_tokens: int = 4) -> dict[str, Any]:
+    body = json.dumps({"model": cluster.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}).encode()
+    request = urllib.request.Request(
+        f"{cluster.url}/v1/completions", data=body,
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+    )  # fmt: skip
+    with urllib.request.urlopen(request, timeout=120) as response:
+        answer: dict[str, Any] = json.loads(response.read())
+    return answer
+
+
+def _status(cluster: Cluster) -> dict[str, Any]:
+    code, report = _get(f"{cluster.url}/custom_patches")
+    assert code == 200, (code, report)
+    assert isinstance(report, dict)
+    return report
+
+
+def _by_role(report: Mapping[str, Any], role: str) -> list[dict[str, Any]]:
+    return sorted((p for p in report["processes"] if p["role"] == role), key=lambda p: (p["dp_rank"], p["tp_rank"] or 0))
+
+
+def _title(pid: int) -> str:
+    import psutil
+
+    return " ".join(psutil.Process(pid).cmdline())
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=120)
+
+
+def _start(cluster: Cluster, timeout: float = 300) -> Cluster:
+    try:
+        cluster.ready_s = wait_ready(cluster.port, cluster.procs, timeout)
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
+
+
+def _cpu_env(workspace: Any, bind: str, **extra: str) -> dict[str, str]:
+    # One core per CPU worker (2 cores here); without a binding vLLM refuses
+    # several local CPU workers ("Not enough allowed NUMA nodes").
+    return workspace.env(VLLM_CPU_OMP_THREADS_BIND=bind, **extra)
+
+
+# -- data parallel 2: one node, two engine cores ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dp_server(vllm_workspace: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("dp2")
+    files = {"trace": tmp / "trace.jsonl", "witness": tmp / "ranks.jsonl"}
+    env = _cpu_env(
+        vllm_workspace, "0|1",
+        VLLM_PLUGINS="custom_patches",
+        VLLM_CUSTOM_PATCHES="scheduler_trace,RankWitness",
+        VLLM_CUSTOM_PATCHES_PATH=str(write_rank_witness(tmp / "patches")),
+        VLLM_CUSTOM_PATCHES_TRACE_FILE=str(files["trace"]),
+        VCP_RANK_WITNESS_FILE=str(files["witness"]),
+    )  # fmt: skip
+    port = free_port()
+    args = ["--host", "127.0.0.1", "--port", str(port), "--data-parallel-size", "2", "--api-key", API_KEY]
+    log = tmp / "server.log"
+    cluster = _start(Cluster(port, str(vllm_workspace.model), {log: launch_serve(str(vllm_workspace.model), env, log, args)}, files))
+    print(f"data parallel 2 ready in {cluster.ready_s:.1f}s")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_data_parallel_2_every_engine_core_and_worker_applies_and_runs_the_patches(dp_server: Cluster) -> None:
+    for i in range(6):  # vLLM balances requests over both ranks
+        assert _complete(dp_server, f"hello number {i}")["choices"][0]["text"] is not None
+    report = _status(dp_server)
+    assert report["consistent"] is True, report["inconsistencies"] or report["errors"]
+    cores, workers = _by_role(report, "engine_core"), _by_role(report, "worker")
+    assert [c["dp_rank"] for c in cores] == [0, 1] and [w["dp_rank"] for w in workers] == [0, 1]
+    for core in cores:
+        assert core["applied"] == ["scheduler_trace"], core  # RankWitness targets the worker: pending here
+        assert f"EngineCore_DP{core['dp_rank']}" in _title(core["pid"])  # a live vLLM engine core, this rank's
+    for worker in workers:
+        assert worker["applied"] == ["RankWitness"] and worker["tp_rank"] == 0, worker
+        assert "VLLM::Worker" in _title(worker["pid"])
+    assert len({p["pid"] for p in cores + workers}) == 4
+    (api,) = _by_role(report, "api_server")[:1]
+    assert api["applied"] == [] and {p["name"]: p["state"] for p in api["patches"]}["scheduler_trace"] == "pending"
+    # The patched code ran inside each of those processes: the trace from both
+    # engine cores, the witness from both workers.
+    traced = {json.loads(line)["pid"] for line in dp_server.files["trace"].read_text().splitlines()}
+    assert traced == {c["pid"] for c in cores}
+    witnessed = {json.loads(line)["pid"] for line in dp_server.files["witness"].read_text().splitlines()}
+    assert witnessed == {w["pid"] for w in workers}
+
+
+def test_the_status_route_requires_the_servers_api_key(dp_server: Cluster) -> None:
+    assert _get(f"{dp_server.url}/custom_patches", key=None)[0] == 401
+    assert _get(f"{dp_server.url}/custom_patches", key="not-the-key")[0] == 401
+    assert _get(f"{dp_server.url}/custom_patches", key=API_KEY)[0] == 200
+
+
+def test_the_status_answers_within_2s_while_the_server_serves_and_changes_nothing(dp_server: Cluster) -> None:
+    before = _status(dp_server)
+    stop, served, failures = threading.Event(), [], []
+
+    def load() -> None:
+        deadline = time.monotonic() + 90
+        while not stop.is_set() and time.monotonic() < deadline:
+            try:
+                served.append(_complete(dp_server, "a steady stream of requests", max_tokens=16))
+            except Exception as exc:  # collected; asserted below
+                failures.append(exc)
+
+    clients = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+    for client in clients:
+        client.start()
+    try:
+        time.sleep(2)  # the engines are busy now
+        timings = []
+        for _ in range(8):
+            started = time.monotonic()
+            report = _status(dp_server)
+            timings.append(time.monotonic() - started)
+            assert report["consistent"] is True
+    finally:
+        stop.set()
+        for client in clients:
+            client.join(timeout=120)
+    print(f"GET /custom_patches under load: median {statistics.median(timings) * 1000:.0f} ms, max {max(timings) * 1000:.0f} ms")
+    assert max(timings) < 2.0, timings
+    assert not failures, failures[:3]
+    assert served, "the load generator served nothing: the status was not measured under load"
+    after = _status(dp_server)
+
+    def applied(report: Mapping[str, Any]) -> dict[int, tuple[str, list[str]]]:
+        return {p["pid"]: (p["role"], p["applied"]) for p in report["processes"] if p["role"] != "api_server"}
+
+    assert applied(after) == applied(before)  # same processes, same patches
+
+
+def test_the_metric_shows_each_processs_patches_on_vllms_metrics(dp_server: Cluster) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _status(dp_server)  # the route refreshes what the metric shows
+    code, body = _get(f"{dp_server.url}/metrics", key=None)
+    assert code == 200
+    families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+    samples = {
+        (s.labels["patch"], s.labels["role"], s.labels["dp_rank"], s.labels["tp_rank"]): s.value
+        for s in families["vllm_custom_patches_applied"].samples
+    }
+    assert samples[("scheduler_trace", "engine_core", "0", "")] == 1.0
+    assert samples[("scheduler_trace", "engine_core", "1", "")] == 1.0
+    assert samples[("RankWitness", "worker", "0", "0")] == 1.0
+    assert samples[("RankWitness", "worker", "1", "0")] == 1.0
+    assert samples[("scheduler_trace", "worker", "1", "0")] == 0.0  # selected there, pending: known, not applied
+    assert [s.value for s in families["vllm_custom_patches_consistent"].samples] == [1.0]
+
+
+def test_the_status_cli_shows_the_table_and_exits_0_on_a_consistent_server(dp_server: Cluster) -> None:
+    result = _run_cli("status", "--url", dp_server.url, "--api-key", API_KEY)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "engine_core dp_rank=1" in result.stdout and "consistent" in result.stdout
+    result = _run_cli("status", "--url", dp_server.url, "--api-key", API_KEY, "--json")
+    assert result.returncode == 0 and json.loads(result.stdout)["consistent"] is True
+    result = _run_cli("status", "--url", dp_server.url)  # no key
+    assert result.returncode == 2 and "pass the server's API key with --api-key" in result.stderr
+
+
+# -- multi-node: three nodes, one started without VLLM_CUSTOM_PATCHES ----------------------
+
+
+@pytest.fixture(scope="module")
+def three_nodes(vllm_workspace: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """vLLM's multi-node data parallel, as ops teams start it: one command per node, each with its own environment.
+
+    Node 0 serves the API and data-parallel rank 0; nodes 1 and 2 are
+    headless (``--headless --data-parallel-start-rank N``).  Nodes 0 and 1 set
+    ``VLLM_CUSTOM_PATCHES``; node 2 was started without it (nor
+    ``VLLM_PLUGINS``): it serves, unpatched.
+    """
+    tmp = tmp_path_factory.mktemp("nodes")
+    trace = tmp / "trace.jsonl"
+    model = str(vllm_workspace.model)
+    port, rpc_port = free_port(), free_port()
+    common = ["--data-parallel-size", "3", "--data-parallel-size-local", "1",
+              "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(rpc_port)]  # fmt: skip
+    patched = {"VLLM_PLUGINS": "custom_patches", "VLLM_CUSTOM_PATCHES": "scheduler_trace",
+               "VLLM_CUSTOM_PATCHES_TRACE_FILE": str(trace)}  # fmt: skip
+    nodes = [
+        (_cpu_env(vllm_workspace, "0", **patched), ["--host", "127.0.0.1", "--port", str(port), "--api-server-count", "1", "--api-key", API_KEY]),
+        (_cpu_env(vllm_workspace, "1", **patched), ["--headless", "--data-parallel-start-rank", "1"]),
+        (_cpu_env(vllm_workspace, "0"), ["--headless", "--data-parallel-start-rank", "2"]),
+    ]  # fmt: skip
+    procs = {}
+    for index, (env, args) in enumerate(nodes):
+        log = tmp / f"node{index}.log"
+        procs[log] = launch_serve(model, env, log, [*common, *args])
+    cluster = _start(Cluster(port, model, procs, {"trace": trace}))
+    print(f"three nodes (data parallel 3) ready in {cluster.ready_s:.1f}s")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_multi_node_patched_nodes_apply_everywhere_and_the_unpatched_node_is_named(three_nodes: Cluster) -> None:
+    for i in range(6):
+        _complete(three_nodes, f"request {i}")
+    report = _status(three_nodes)
+    cores, workers = _by_role(report, "engine_core"), _by_role(report, "worker")
+    assert [c["dp_rank"] for c in cores] == [0, 1, 2] and [w["dp_rank"] for w in workers] == [0, 1, 2]
+    for core in cores:
+        assert f"EngineCore_DP{core['dp_rank']}" in _title(core["pid"])
+    assert [c["applied"] for c in cores] == [["scheduler_trace"], ["scheduler_trace"], []]
+    assert cores[2]["selection"] == "" and cores[2]["patches"] == []
+    # Both patched nodes ran the patch in their engine cores (the trace is written from inside them).
+    traced = {json.loads(line)["pid"] for line in three_nodes.files["trace"].read_text().splitlines()}
+    assert traced == {cores[0]["pid"], cores[1]["pid"]}
+    # ... and the node started without VLLM_CUSTOM_PATCHES is not silent:
+    assert report["consistent"] is False
+    (issue,) = report["inconsistencies"]
+    assert (issue["role"], issue["patch"], issue["applied_in"]) == ("engine_core", "scheduler_trace", 2)
+    (missing,) = issue["missing_in"]
+    assert missing["dp_rank"] == 2 and missing["pid"] == cores[2]["pid"] and missing["host"]
+    assert missing["why"] == "VLLM_CUSTOM_PATCHES is not set in this process"
+
+    result = _run_cli("status", "--url", three_nodes.url, "--api-key", API_KEY)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert f"but not in engine_core dp_rank=2 pid={cores[2]['pid']} on {missing['host']}" in result.stdout
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(_get(f"{three_nodes.url}/metrics", key=None)[1].decode())}
+    values = {(s.labels["role"], s.labels["dp_rank"]): s.value for s in families["vllm_custom_patches_applied"].samples
+              if s.labels["patch"] == "scheduler_trace"}  # fmt: skip
+    assert (values[("engine_core", "0")], values[("engine_core", "1")], values[("engine_core", "2")]) == (1.0, 1.0, 0.0)
+    assert [s.value for s in families["vllm_custom_patches_consistent"].samples] == [0.0]
+
+
+# -- a patch that fails in one tensor-parallel rank only ----------------------------------
+
+
+def _tp2_env(workspace: Any, tmp: Path, **extra: str) -> dict[str, str]:
+    return _cpu_env(
+        workspace, "0|1",
+        VLLM_PLUGINS="custom_patches",
+        VLLM_CUSTOM_PATCHES="RankWitness",
+        VLLM_CUSTOM_PATCHES_PATH=str(write_rank_witness(tmp / "patches")),
+        VCP_RANK_WITNESS_FILE=str(tmp / "ranks.jsonl"),
+        VCP_BREAK_IN_PROCESS="VllmWorker-1",
+        **extra,
+    )  # fmt: skip
+
+
+def test_strict_a_patch_failing_in_rank_1_only_stops_the_server_naming_that_rank(
+    vllm_workspace: Any, tmp_path: Path
+) -> None:
+    log = tmp_path / "server.log"
+    port = free_port()
+    proc = launch_serve(str(vllm_workspace.model), _tp2_env(vllm_workspace, tmp_path),
+                        log, ["--host", "127.0.0.1", "--port", str(port), "--tensor-parallel-size", "2"])  # fmt: skip
+    try:
+        proc.wait(timeout=240)
+    except subprocess.TimeoutExpired:
+        _stop_group(proc)
+        pytest.fail(f"the server kept running with a patch failed in rank 1:\n{tail(log)}")
+    finally:
+        _stop_group(proc)
+    assert proc.returncode != 0
+    text = log.read_text(errors="replace")
+    assert "cannot be honoured in process" in text and "(VllmWorker-1):" in text, tail(log)
+    assert "PatchConflictError" in text and "_original_execute_model" in text
+    assert "(VllmWorker-0):" not in text  # rank 0 took the patch
+
+
+@pytest.fixture(scope="module")
+def tp2_lenient(vllm_workspace: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    tmp = tmp_path_factory.mktemp("tp2")
+    port = free_port()
+    env = _tp2_env(vllm_workspace, tmp, VLLM_CUSTOM_PATCHES_STRICT="0")
+    log = tmp / "server.log"
+    proc = launch_serve(str(vllm_workspace.model), env, log,
+                        ["--host", "127.0.0.1", "--port", str(port), "--tensor-parallel-size", "2", "--api-key", API_KEY])  # fmt: skip
+    cluster = _start(Cluster(port, str(vllm_workspace.model), {log: proc}, {"witness": tmp / "ranks.jsonl"}))
+    print(f"tensor parallel 2 ready in {cluster.ready_s:.1f}s")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_lenient_the_server_serves_and_the_status_shows_which_rank_lacks_the_patch(tp2_lenient: Cluster) -> None:
+    _complete(tp2_lenient, "served without the patch in rank 1")
+    report = _status(tp2_lenient)
+    workers = _by_role(report, "worker")
+    assert [(w["dp_rank"], w["tp_rank"]) for w in workers] == [(0, 0), (0, 1)]
+    assert [w["applied"] for w in workers] == [["RankWitness"], []]
+    (failed,) = [p for p in workers[1]["patches"] if p["name"] == "RankWitness"]
+    assert failed["state"] == "failed" and "_original_execute_model" in failed["reason"]
+    assert report["consistent"] is False
+    (issue,) = report["inconsistencies"]
+    (missing,) = issue["missing_in"]
+    assert (issue["role"], missing["tp_rank"], missing["pid"]) == ("worker", 1, workers[1]["pid"])
+    assert missing["why"].startswith("failed: ")
+    # Rank 0 ran the patched code, rank 1 did not.
+    witnessed = {json.loads(line)["pid"] for line in tp2_lenient.files["witness"].read_text().splitlines()}
+    assert witnessed == {workers[0]["pid"]}
+    result = _run_cli("status", "--url", tp2_lenient.url, "--api-key", API_KEY)
+    assert result.returncode == 1 and "worker dp_rank=0 tp_rank=1" in result.stdout, result.stdout + result.stderr
