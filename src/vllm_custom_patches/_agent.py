@@ -2,8 +2,9 @@
 
 The ``custom_patches`` endpoint plugin runs in the API server only; it reaches
 the other processes the way vLLM's own handlers do.  For that, the general
-plugin (which runs in every process) gives two vLLM classes one method each,
-under a name no vLLM member uses:
+plugin (which runs in every process) gives two vLLM classes two methods each,
+under names no vLLM member uses (``vllm_custom_patches_status`` and, for the
+kill switch, ``vllm_custom_patches_control``, see ``_control``):
 
 * ``EngineCore.vllm_custom_patches_status``: a *utility method*, which the
   API server calls on every engine core (every data-parallel rank, on every
@@ -13,7 +14,10 @@ under a name no vLLM member uses:
 * ``WorkerWrapperBase.vllm_custom_patches_status``: the worker-side RPC method
   (one answer per tensor/pipeline-parallel rank).
 
-Both only read (``PatchManager.status()``); vLLM's docs name this pairing of an
+The status methods only read (``PatchManager.status()``); the control methods
+change patches only when the API server's authenticated control route asks
+(they are unreachable from outside: utility calls and RPCs come only from
+vLLM's own engine client).  vLLM's docs name this pairing of an
 endpoint plugin with a general plugin that installs the engine-side method.
 The methods are plain additions outside :class:`PatchManager` (they are not
 patches a user selects) and are installed whenever the plugin runs in a vLLM
@@ -31,10 +35,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["STATUS_METHOD", "WORKER_TIMEOUT_S", "install_responders", "process_record"]
+__all__ = ["CONTROL_METHOD", "STATUS_METHOD", "WORKER_TIMEOUT_S", "control_record", "install_responders", "process_record"]
 
 STATUS_METHOD = "vllm_custom_patches_status"
-"""The name of the utility method (engine core) and RPC method (worker)."""
+"""The name of the utility method (engine core) and RPC method (worker) that report."""
+CONTROL_METHOD = "vllm_custom_patches_control"
+"""The name of the utility method (engine core) and RPC method (worker) that change a patch."""
 
 WORKER_TIMEOUT_S = 5.0
 """How long an engine core waits for its workers' answers (it blocks its loop meanwhile)."""
@@ -48,9 +54,31 @@ def process_record(
     role: str, *, dp_rank: int | None = None, tp_rank: int | None = None, pp_rank: int | None = None
 ) -> dict[str, Any]:
     """This process as the status endpoint reports it: who it is and what it has applied."""
-    from ._manager import PatchManager
     from ._env import ENV_PATCHES
+    from ._manager import PatchManager
 
+    return {
+        **_identity(role, dp_rank, tp_rank, pp_rank),
+        "selection": os.environ.get(ENV_PATCHES, ""),
+        "applied": PatchManager.applied(),
+        # Without the docstrings: this is sent once per process on every status request.
+        "patches": [{k: v for k, v in s.as_dict().items() if k != "description"} for s in PatchManager.status()],
+        "error": None,
+    }
+
+
+def control_record(
+    action: str, name: str, op_id: str, who: str, role: str, *,
+    dp_rank: int | None = None, tp_rank: int | None = None, pp_rank: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Do this process's part of a live change (``_control``); who it is and how it went."""
+    from ._control import perform, undo
+
+    outcome = undo(op_id, who) if action == "undo" else perform(action, name, op_id, who)
+    return {**_identity(role, dp_rank, tp_rank, pp_rank), **outcome}
+
+
+def _identity(role: str, dp_rank: int | None, tp_rank: int | None, pp_rank: int | None) -> dict[str, Any]:
     return {
         "role": role,
         "pid": os.getpid(),
@@ -59,11 +87,6 @@ def process_record(
         "dp_rank": dp_rank,
         "tp_rank": tp_rank,
         "pp_rank": pp_rank,
-        "selection": os.environ.get(ENV_PATCHES, ""),
-        "applied": PatchManager.applied(),
-        # Without the docstrings: this is sent once per process on every status request.
-        "patches": [{k: v for k, v in s.as_dict().items() if k != "description"} for s in PatchManager.status()],
-        "error": None,
     }
 
 
@@ -100,6 +123,30 @@ def _engine_core_status(engine_core: Any) -> dict[str, Any]:
     return {"engine_core": record, "workers": workers}
 
 
+def _engine_core_control(engine_core: Any, action: str, name: str, op_id: str, who: str) -> list[dict[str, Any]]:
+    """Utility method of vLLM's EngineCore: the change here (between two steps), then in its workers."""
+    parallel = engine_core.vllm_config.parallel_config
+    dp_rank = _dp_rank(parallel)
+    records = [control_record(action, name, op_id, who, _ROLE_ENGINE_CORE, dp_rank=dp_rank)]
+    try:
+        records += engine_core.model_executor.collective_rpc(
+            CONTROL_METHOD, timeout=WORKER_TIMEOUT_S, args=(action, name, op_id, who)
+        )
+    except Exception as exc:  # reported: the API server then undoes the operation everywhere
+        error = f"its workers did not answer: {type(exc).__name__}: {exc}"
+        records += [
+            {**unreachable_record(_ROLE_WORKER, error, dp_rank=dp_rank, tp_rank=rank % parallel.tensor_parallel_size),
+             "ok": False, "changed": False, "relevant": True, "state": "unknown"}
+            for rank in range(parallel.tensor_parallel_size * parallel.pipeline_parallel_size)
+        ]  # fmt: skip
+    return records
+
+
+def _worker_control(wrapper: Any, action: str, name: str, op_id: str, who: str) -> dict[str, Any]:
+    """RPC method of vLLM's WorkerWrapperBase: the change in this worker, between two model steps."""
+    return control_record(action, name, op_id, who, _ROLE_WORKER, **_worker_ranks(wrapper))
+
+
 def _worker_status(wrapper: Any) -> dict[str, Any]:
     """RPC method of vLLM's WorkerWrapperBase: this worker."""
     return process_record(_ROLE_WORKER, **_worker_ranks(wrapper))
@@ -131,9 +178,11 @@ def _dp_rank(parallel: Any) -> int | None:
     return rank if isinstance(rank, int) else getattr(parallel, "data_parallel_rank", None)
 
 
-_RESPONDERS: tuple[tuple[str, str, Callable[[Any], dict[str, Any]]], ...] = (
-    ("vllm.v1.engine.core", "EngineCore", _engine_core_status),
-    ("vllm.v1.worker.worker_base", "WorkerWrapperBase", _worker_status),
+_RESPONDERS: tuple[tuple[str, str, str, Callable[..., Any]], ...] = (
+    ("vllm.v1.engine.core", "EngineCore", STATUS_METHOD, _engine_core_status),
+    ("vllm.v1.engine.core", "EngineCore", CONTROL_METHOD, _engine_core_control),
+    ("vllm.v1.worker.worker_base", "WorkerWrapperBase", STATUS_METHOD, _worker_status),
+    ("vllm.v1.worker.worker_base", "WorkerWrapperBase", CONTROL_METHOD, _worker_control),
 )
 
 
@@ -145,22 +194,22 @@ def install_responders() -> None:
     that matters in a process is always imported by then.  Idempotent; a
     member of that name which is not ours is left alone (and logged).
     """
-    for module_name, class_name, responder in _RESPONDERS:
+    for module_name, class_name, method, responder in _RESPONDERS:
         module = sys.modules.get(module_name)
         cls = getattr(module, class_name, None) if module is not None else None
         if not isinstance(cls, type):
             continue
-        present = cls.__dict__.get(STATUS_METHOD)
+        present = cls.__dict__.get(method)
         if present is responder:
             continue
         if present is not None:
             from ._log import logger
 
             logger.warning(
-                "vllm-custom-patches: %s.%s already exists and is not ours; the status endpoint "
-                "will not see this process's patches",
+                "vllm-custom-patches: %s.%s already exists and is not ours; the custom_patches "
+                "endpoint will not reach this process's patches",
                 class_name,
-                STATUS_METHOD,
+                method,
             )
             continue
-        setattr(cls, STATUS_METHOD, responder)
+        setattr(cls, method, responder)

@@ -4,6 +4,7 @@
     vllm-custom-patches check [NAME...]  # try them against the installed vLLM, then roll back
     vllm-custom-patches version          # the vLLM version the gates compare
     vllm-custom-patches status --url URL # a running server: every process's patches
+    vllm-custom-patches rollback NAME --url URL --token T   # its kill switch (and 'apply')
 
 ``--json`` gives machine-readable output.  ``check`` exits 1 if any checked
 patch would fail, which makes it usable as a container health gate before
@@ -71,12 +72,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the server's API key, if it has one (default: $VLLM_API_KEY)",
     )
     status.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (default 30)")
-    for sub in (listing, check, commands.choices["version"], status):
+    controls = []
+    for action, verb in (("rollback", "roll back"), ("apply", "apply")):
+        control = commands.add_parser(
+            action,
+            help=f"{verb} a patch in every process of a running vLLM server (its kill switch)",
+            description=f"POST URL/custom_patches/NAME/{action}: {verb} NAME in every process of the server, "
+            "or in none. Exit 0 when done, 1 when a process refused (everything was put back), 2 when the "
+            "request did not get that far.",
+        )
+        control.add_argument("name", help="the patch")
+        control.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
+        control.add_argument(
+            "--token",
+            default=os.environ.get("VLLM_CUSTOM_PATCHES_CONTROL_TOKEN") or None,
+            help="the server's VLLM_CUSTOM_PATCHES_CONTROL_TOKEN (default: that variable here)",
+        )
+        control.add_argument("--reason", default="", help="why, for the server's log")
+        control.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer (default 60)")
+        controls.append(control)
+    for sub in (listing, check, commands.choices["version"], status, *controls):
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
 
     if args.command == "status":
         return _status(args)
+    if args.command in ("rollback", "apply"):
+        return _control(args)
 
     if args.command == "version":
         detected = detect_vllm_version()
@@ -112,6 +134,21 @@ def _status(args: argparse.Namespace) -> int:
     else:
         print_status(report, sys.stdout)
     return status_exit_code(report)
+
+
+def _control(args: argparse.Namespace) -> int:
+    from ._remote import RemoteError, post_control, print_control
+
+    try:
+        report = post_control(args.url, args.command, args.name, args.token, args.reason, timeout=args.timeout)
+    except RemoteError as exc:
+        print(f"vllm-custom-patches: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_control(report, sys.stdout)
+    return 0 if report["ok"] else 1
 
 
 def _sources(import_modules: bool) -> tuple[dict[str, str], dict[str, type[VLLMPatch[Any]] | PatchError]]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ._agent import STATUS_METHOD, WORKER_TIMEOUT_S, process_record, unreachable_record
 
-__all__ = ["ENGINE_TIMEOUT_S", "analyse", "collect", "describe_process"]
+__all__ = ["ENGINE_TIMEOUT_S", "analyse", "call_engine_cores", "collect", "describe_process", "engine_failure"]
 
 ENGINE_TIMEOUT_S = WORKER_TIMEOUT_S + 3.0
 """How long the API server waits for one engine core (which itself waits for its workers)."""
@@ -38,29 +38,38 @@ async def collect(engine_client: Any, timeout: float = ENGINE_TIMEOUT_S) -> dict
 
 
 async def _engine_processes(engine_client: Any, timeout: float) -> list[dict[str, Any]]:
+    processes: list[dict[str, Any]] = []
+    for dp_rank, answer in await call_engine_cores(engine_client, STATUS_METHOD, (), timeout):
+        if isinstance(answer, BaseException):
+            processes.append(unreachable_record("engine_core", engine_failure(answer), dp_rank=dp_rank))
+            continue
+        processes.append(answer["engine_core"])
+        processes.extend(answer["workers"])
+    return processes
+
+
+async def call_engine_cores(
+    engine_client: Any, method: str, args: tuple[Any, ...], timeout: float
+) -> list[tuple[int | None, Any]]:
+    """Call utility ``method`` on every engine core: ``(dp_rank, answer or the exception)`` for each."""
     core = getattr(engine_client, "engine_core", None)
     engines: Sequence[Any] = getattr(core, "core_engines", None) or []
     call_one = getattr(core, "_call_utility_async", None)
     if engines and call_one is not None:
         # One call per engine, so one dead or unpatched engine does not hide
         # the others (vLLM's call_utility_all_async fails as a whole).
-        calls = [asyncio.wait_for(call_one(STATUS_METHOD, engine=engine), timeout) for engine in engines]
+        calls = [asyncio.wait_for(call_one(method, *args, engine=engine), timeout) for engine in engines]
         dp_ranks: list[int | None] = [_engine_rank(engine) for engine in engines]
     elif core is not None and hasattr(core, "call_utility_async"):
-        calls = [asyncio.wait_for(core.call_utility_async(STATUS_METHOD), timeout)]
+        calls = [asyncio.wait_for(core.call_utility_async(method, *args), timeout)]
         dp_ranks = [None]
     else:
-        return [unreachable_record("engine_core", f"this vLLM's engine client ({type(engine_client).__name__}) "
-                                   "offers no way to reach the engine cores")]
+        error = RuntimeError(
+            f"this vLLM's engine client ({type(engine_client).__name__}) offers no way to reach the engine cores"
+        )
+        return [(None, error)]
     answers = await asyncio.gather(*calls, return_exceptions=True)
-    processes: list[dict[str, Any]] = []
-    for dp_rank, answer in zip(dp_ranks, answers):
-        if isinstance(answer, BaseException):
-            processes.append(unreachable_record("engine_core", _why(answer), dp_rank=dp_rank))
-            continue
-        processes.append(answer["engine_core"])
-        processes.extend(answer["workers"])
-    return processes
+    return list(zip(dp_ranks, answers))
 
 
 def _engine_rank(engine: Any) -> int | None:
@@ -68,7 +77,8 @@ def _engine_rank(engine: Any) -> int | None:
     return int.from_bytes(engine, "little") if isinstance(engine, (bytes, bytearray)) else None
 
 
-def _why(error: BaseException) -> str:
+def engine_failure(error: BaseException) -> str:
+    """Why an engine core did not answer, for a human."""
     if isinstance(error, asyncio.TimeoutError):
         return "did not answer in time"
     text = f"{type(error).__name__}: {error}"

@@ -1,9 +1,13 @@
-"""``vllm-custom-patches status --url``: a running server's patches, per process, from its endpoint.
+"""The client side of the ``custom_patches`` endpoint: ``status``, ``rollback`` and ``apply`` against a running server.
 
-Exit codes (for CI and health checks): 0 every process of each role has the
-same patches; 1 some process lacks a patch others of its role have, or could
-not answer (each named, with rank and host); 2 the server cannot be reached,
-refuses the key, or does not serve the endpoint (with how to enable it).
+Exit codes (for CI and health checks): ``status``: 0 every process of each
+role has the same patches; 1 some process lacks a patch others of its role
+have, or could not answer (each named, with rank and host); 2 the server
+cannot be reached, refuses the key, or does not serve the endpoint (with how
+to enable it).  ``rollback``/``apply``: 0 done in every process; 1 refused
+by the server's processes and undone everywhere (each process's reason); 2
+the request did not get that far (unreachable, control disabled, wrong token,
+unknown patch, bad request).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, TextIO
 
 from ._fleet import describe_process
 
-__all__ = ["RemoteError", "fetch_status", "print_status", "status_exit_code"]
+__all__ = ["RemoteError", "fetch_status", "post_control", "print_control", "print_status", "status_exit_code"]
 
 ENDPOINT = "/custom_patches"
 
@@ -57,6 +61,75 @@ def fetch_status(url: str, api_key: str | None = None, timeout: float = 30.0) ->
     if not isinstance(report, dict) or not isinstance(report.get("processes"), list):
         raise RemoteError(f"{url}{ENDPOINT} answered JSON without a 'processes' list; is this vllm-custom-patches' endpoint?")
     return report
+
+
+_CONTROL_HINT = (
+    "the control routes exist only when the server was started with VLLM_CUSTOM_PATCHES_CONTROL_TOKEN set "
+    "(at least 16 characters) and VLLM_PLUGINS including custom_patches"
+)
+
+
+def post_control(
+    url: str, action: str, name: str, token: str | None, reason: str = "", timeout: float = 60.0
+) -> dict[str, Any]:
+    """``POST {url}/custom_patches/{name}/{action}``; the report (``ok`` false: refused and undone everywhere)."""
+    from urllib.parse import quote
+
+    if not url.startswith(("http://", "https://")):
+        raise RemoteError(f"--url {url!r} is not an http(s) URL; give the server's address, e.g. http://127.0.0.1:8000")
+    if not token:
+        raise RemoteError("no control token: pass --token or set VLLM_CUSTOM_PATCHES_CONTROL_TOKEN")
+    endpoint = f"{url.rstrip('/')}{ENDPOINT}/{quote(name, safe='')}/{action}"
+    data = json.dumps({"reason": reason} if reason else {}).encode()
+    request = urllib.request.Request(
+        endpoint, data=data, method="POST",
+        headers={"Content-Type": "application/json", "Accept": "application/json", "Authorization": f"Bearer {token}"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            body, code = response.read(), response.status
+    except urllib.error.HTTPError as exc:
+        body, code = exc.read(), exc.code
+    except (urllib.error.URLError, OSError) as exc:
+        reason_text = getattr(exc, "reason", exc)
+        raise RemoteError(f"cannot reach {url}: {reason_text} (is the server running, and is this its address?)") from None
+    try:
+        answer = json.loads(body)
+    except ValueError:
+        answer = None
+    if code in (200, 409) and isinstance(answer, dict) and isinstance(answer.get("processes"), list):
+        return answer
+    detail = answer.get("error") if isinstance(answer, dict) else None
+    if code == 404 and isinstance(answer, dict) and "known" in answer:
+        raise RemoteError(f"{detail}; known patches: {', '.join(answer['known']) or 'none'}")
+    if code in (404, 405):
+        raise RemoteError(f"{url} does not serve {ENDPOINT}/NAME/{action}: {_CONTROL_HINT}")
+    if code == 403:
+        raise RemoteError(f"{endpoint} answered 403 Forbidden: the token was refused")
+    raise RemoteError(f"{endpoint} answered HTTP {code}: {detail or body[:500]!r}")
+
+
+def print_control(report: Mapping[str, Any], out: TextIO) -> None:
+    """Per process: what happened; then the verdict."""
+    for process in report["processes"]:
+        if not process.get("relevant", True):
+            outcome = "not relevant here"
+        elif process["ok"]:
+            outcome = "changed" if process.get("changed") else "unchanged (already so)"
+        else:
+            outcome = f"FAILED: {process.get('error')}"
+        if process.get("reverted"):
+            outcome += " (reverted)"
+        if process.get("undo_error"):
+            outcome += f" (undo FAILED: {process['undo_error']})"
+        print(f"{describe_process(process)}: {outcome}; now {process.get('state')}", file=out)
+    verb = "rolled back" if report["action"] == "rollback" else "applied"
+    if report["ok"]:
+        print(f"patch {report['patch']!r} {verb} in every process where it applies "
+              f"({report['elapsed_s'] * 1000:.0f} ms, op {report['op_id']})", file=out)  # fmt: skip
+    else:
+        print(f"REFUSED: patch {report['patch']!r} was not {verb}; every process was put back as it was "
+              f"(op {report['op_id']})", file=out)  # fmt: skip
 
 
 def status_exit_code(report: Mapping[str, Any]) -> int:

@@ -16,6 +16,16 @@ middleware guards only those).
 The same facts go to vLLM's ``/metrics`` as ``vllm_custom_patches_applied``
 (see ``_metrics``), refreshed every :data:`REFRESH_S` seconds and on each
 request of the route.
+
+The kill switch, ``POST /custom_patches/{name}/rollback`` and
+``POST /custom_patches/{name}/apply``, changes a patch in every process of the
+running server, or in none (``_switch``).  Those routes exist only when
+``VLLM_CUSTOM_PATCHES_CONTROL_TOKEN`` is set in the server's environment (at
+least 16 characters), and require ``Authorization: Bearer <that token>``:
+403 without it or with another, 404 for an unknown patch (listing the known
+ones), 422 for a body that is not a JSON object with at most a string
+``reason``; none of these changes anything.  Every request, refused or not,
+is logged in vLLM's log with the client's address; one change at a time.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route's
@@ -34,6 +44,8 @@ if TYPE_CHECKING:
 __all__ = ["ROUTE", "CustomPatchesEndpoint"]
 
 ROUTE = "/custom_patches"
+CONTROL_ROUTE = ROUTE + "/{name}/{action}"
+MIN_TOKEN_LENGTH = 16
 REFRESH_S = 15.0
 """How often the metric's view of the server is refreshed in the background."""
 
@@ -48,6 +60,8 @@ class CustomPatchesEndpoint:
         self._engine_client: Any = None
         self._api_key_hashes: list[bytes] = []
         self._refresher: "asyncio.Task[None] | None" = None
+        self._control_token_hash: "bytes | None" = None
+        self._control_lock: "asyncio.Lock | None" = None
 
     def attach_router(self, app: "FastAPI") -> None:
         from fastapi import APIRouter, Request
@@ -60,6 +74,14 @@ class CustomPatchesEndpoint:
             if not self._authorized(request.headers.get("Authorization")):
                 return JSONResponse({"error": "Unauthorized"}, status_code=401)
             return JSONResponse(await self._collect())
+
+        self._control_token_hash = _control_token_hash()
+        if self._control_token_hash is not None:
+
+            @router.post(CONTROL_ROUTE, summary="vllm-custom-patches: roll a patch back or apply it in every process")
+            async def custom_patches_control(name: str, action: str, request: Request) -> JSONResponse:
+                status, body = await self._control(name, action, request)
+                return JSONResponse(body, status_code=status)
 
         app.include_router(router)
 
@@ -78,6 +100,47 @@ class CustomPatchesEndpoint:
         digest = hashlib.sha256(token.encode()).digest()
         # Compare with every key, in constant time, as vLLM's middleware does.
         return any([hmac.compare_digest(digest, known) for known in self._api_key_hashes])
+
+    async def _control(self, name: str, action: str, request: Any) -> "tuple[int, dict[str, Any]]":
+        from ._control import ACTIONS
+        from ._log import logger
+        from ._switch import change, known_patches, summary
+
+        client = request.client
+        who = f"{client.host}:{client.port}" if client else "unknown client"
+        header = request.headers.get("Authorization") or ""
+        scheme, _, token = header.partition(" ")
+        expected = self._control_token_hash
+        if expected is None or scheme.lower() != "bearer" or not hmac.compare_digest(
+            hashlib.sha256(token.encode()).digest(), expected
+        ):
+            logger.warning(
+                "vllm-custom-patches control: %s of %r from %s refused: %s",
+                action, name, who, "no bearer token" if not header else "wrong token",
+            )  # fmt: skip
+            return 403, {"error": "Forbidden: send Authorization: Bearer <VLLM_CUSTOM_PATCHES_CONTROL_TOKEN>"}
+        if action not in ACTIONS:
+            return 404, {"error": f"unknown action {action!r}; use one of: {', '.join(ACTIONS)}"}
+        reason, problem = _parse_body(await request.body())
+        if problem:
+            logger.warning("vllm-custom-patches control: %s of %r from %s refused: %s", action, name, who, problem)
+            return 422, {"error": problem}
+        known = known_patches()
+        if name not in known:
+            logger.warning("vllm-custom-patches control: %s of unknown patch %r from %s refused", action, name, who)
+            return 404, {"error": f"no patch named {name!r}", "known": known}
+        if self._control_lock is None:
+            self._control_lock = asyncio.Lock()
+        requester = f"{who}" + (f" ({reason})" if reason else "")
+        async with self._control_lock:  # one change at a time; the next waits
+            logger.warning("vllm-custom-patches control: %s of patch %r requested by %s", action, name, requester)
+            report = await change(self._engine_client, action, name, requester)
+            logger.warning("vllm-custom-patches control: %s", summary(report))
+            try:
+                await self._collect()  # the status route and the metric show the new state at once
+            except Exception:
+                logger.warning("vllm-custom-patches: refreshing the status after a change failed", exc_info=True)
+        return (200 if report["ok"] else 409), report
 
     async def _collect(self) -> "dict[str, Any]":
         from ._fleet import collect
@@ -98,3 +161,52 @@ class CustomPatchesEndpoint:
             except Exception:  # the metric goes stale; the server must not notice
                 logger.warning("vllm-custom-patches: refreshing the patch status failed", exc_info=True)
             await asyncio.sleep(REFRESH_S)
+
+
+def _control_token_hash() -> "bytes | None":
+    """The control token's hash, or None (the routes are not made) if it is unset or unusable."""
+    from ._env import ENV_CONTROL_TOKEN
+    from ._log import logger
+
+    token = os.environ.get(ENV_CONTROL_TOKEN)
+    if token is None or not token.strip():
+        return None
+    if len(token.strip()) < MIN_TOKEN_LENGTH or token != token.strip():
+        logger.error(
+            "vllm-custom-patches: %s is set but unusable (at least %d characters, no surrounding spaces); "
+            "the control routes are disabled. Set it to a long random secret, e.g. $(openssl rand -hex 32).",
+            ENV_CONTROL_TOKEN,
+            MIN_TOKEN_LENGTH,
+        )
+        return None
+    from ._log import route_to_vllm_handler
+
+    route_to_vllm_handler()
+    logger.warning(
+        "vllm-custom-patches: %s is set: POST %s/{name}/rollback and /apply change patches in every process "
+        "of this server for whoever holds that token",
+        ENV_CONTROL_TOKEN,
+        ROUTE,
+    )
+    return hashlib.sha256(token.encode()).digest()
+
+
+def _parse_body(raw: bytes) -> "tuple[str, str | None]":
+    """The optional body: ``{"reason": "..."}``; returns (reason, problem)."""
+    import json
+
+    if not raw.strip():
+        return "", None
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        return "", f"the body is not JSON ({exc}); send none, or a JSON object such as {{\"reason\": \"...\"}}"
+    if not isinstance(body, dict):
+        return "", f"the body must be a JSON object such as {{\"reason\": \"...\"}}, not {type(body).__name__}"
+    unknown = sorted(set(body) - {"reason"})
+    if unknown:
+        return "", f"unknown field(s) {', '.join(map(repr, unknown))} in the body; the only one is 'reason'"
+    reason = body.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > 500:
+        return "", "'reason' must be a string of at most 500 characters"
+    return reason.replace("\n", " "), None
