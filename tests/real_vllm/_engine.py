@@ -200,11 +200,16 @@ def running_server(model: str, env: Mapping[str, str], log: Path) -> Iterator[Se
 
 #: A patch on vLLM's CPU worker, loaded through VLLM_CUSTOM_PATCHES_PATH: each
 #: time the model executes it appends the worker's rank and pid to
-#: $VCP_RANK_WITNESS_FILE, from inside the worker process.  In the process that
-#: vLLM names $VCP_BREAK_IN_PROCESS (e.g. VllmWorker-1, tensor-parallel rank 1)
-#: something else has already changed the target: an attribute under the name
-#: the patch keeps its original in, which the framework refuses to overwrite,
-#: so the patch fails there and only there.
+#: $VCP_RANK_WITNESS_FILE, from inside the worker process.  Two ways to make it
+#: fail in one process only (vLLM names its workers VllmWorker-<rank>):
+#:
+#: * in the process named $VCP_BREAK_IN_PROCESS, something else has already
+#:   changed the target at start-up (an attribute under the name the patch keeps
+#:   its original in), so the patch cannot be applied there;
+#: * in the process named $VCP_TAMPER_IN_PROCESS, while the file
+#:   $VCP_TAMPER_FILE exists, another tool wraps the patched method (as a
+#:   profiler would) at the next model step, so the patch cannot be rolled back
+#:   there; when the file is gone, that tool unwraps itself at the next step.
 RANK_WITNESS_PATCH = '''
 import json
 import multiprocessing
@@ -214,10 +219,28 @@ from typing_extensions import override
 
 from vllm_custom_patches import VLLMPatch
 
-if multiprocessing.current_process().name == os.environ.get("VCP_BREAK_IN_PROCESS"):
+_HERE = multiprocessing.current_process().name
+
+if _HERE == os.environ.get("VCP_BREAK_IN_PROCESS"):
     from vllm.v1.worker.cpu_worker import CPUWorker
 
     CPUWorker._original_execute_model = CPUWorker.execute_model  # an outside change, in this process only
+
+
+def _outside_tool(cls):
+    marker = os.environ.get("VCP_TAMPER_FILE", "")
+    current = cls.__dict__["execute_model"]
+    if _HERE != os.environ.get("VCP_TAMPER_IN_PROCESS") or not os.path.exists(marker):
+        return
+    if getattr(current, "__name__", "") == "outside_wrapper":
+        return
+
+    def outside_wrapper(self, scheduler_output):
+        if not os.path.exists(marker):
+            cls.execute_model = current  # the tool removes itself
+        return current(self, scheduler_output)
+
+    cls.execute_model = outside_wrapper
 
 
 class RankWitness(VLLMPatch["vllm.v1.worker.cpu_worker:CPUWorker"]):
@@ -225,6 +248,7 @@ class RankWitness(VLLMPatch["vllm.v1.worker.cpu_worker:CPUWorker"]):
 
     @override
     def execute_model(self, scheduler_output):
+        _outside_tool(type(self))
         with open(os.environ["VCP_RANK_WITNESS_FILE"], "a") as out:
             out.write(json.dumps({"rank": self.rank, "local_rank": self.local_rank, "pid": os.getpid()}) + "\\n")
         return RankWitness.original("execute_model")(self, scheduler_output)

@@ -237,6 +237,19 @@ def test_the_status_cli_shows_the_table_and_exits_0_on_a_consistent_server(dp_se
     assert result.returncode == 2 and "pass the server's API key with --api-key" in result.stderr
 
 
+def test_without_a_control_token_the_kill_switch_does_not_exist(dp_server: Cluster) -> None:
+    request = urllib.request.Request(
+        f"{dp_server.url}/custom_patches/scheduler_trace/rollback", data=b"{}", method="POST",
+        headers={"Authorization": f"Bearer {API_KEY}"},
+    )  # fmt: skip
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 404
+    result = _run_cli("rollback", "scheduler_trace", "--url", dp_server.url, "--token", "x" * 20)
+    assert result.returncode == 2 and "VLLM_CUSTOM_PATCHES_CONTROL_TOKEN" in result.stderr
+    assert all(c["applied"] == ["scheduler_trace"] for c in _by_role(_status(dp_server), "engine_core"))
+
+
 # -- multi-node: three nodes, one started without VLLM_CUSTOM_PATCHES ----------------------
 
 

@@ -1,0 +1,338 @@
+"""The kill switch on a real ``vllm serve``: a patch rolled back and re-applied in every process, live.
+
+One tensor-parallel-2 server for the module (API server, engine core, two
+workers) with ``shortest_prompt_first``, ``scheduler_trace`` and a worker-side
+patch selected and ``VLLM_CUSTOM_PATCHES_CONTROL_TOKEN`` set.  Each test leaves
+every patch applied, as it found it.  Evidence comes from inside the processes:
+the scheduler trace (written by the engine core) shows the admission order
+the live scheduler chose; the worker patch writes its rank and pid from each
+worker; ``GET /custom_patches`` and ``/metrics`` show every process's state.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _engine import SPF_REQUESTS, _stop_group, free_port, launch_serve, prompt_ids, wait_ready, write_rank_witness
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+TOKEN = "control-test-token-0123456789"
+CLI = str(Path(sys.executable).with_name("vllm-custom-patches"))
+#: Prompt length of the background stream's requests: no admission-order request has it.
+STREAM_LEN = 7
+#: The prompt whose output tokens are compared with an unpatched engine's.
+PROBE = prompt_ids(42, 12)
+PROBE_TOKENS = 8
+
+
+@dataclass
+class ControlServer:
+    port: int
+    model: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+    trace: Path
+    witness: Path
+    tamper: Path
+    reference: list[int]
+    """The probe's output tokens from an unpatched engine of the same shape."""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@pytest.fixture(scope="module")
+def server(vllm_workspace: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlServer]:
+    from vllm_custom_patches.testing import run_engine
+
+    tmp = tmp_path_factory.mktemp("control")
+    model = str(vllm_workspace.model)
+    tp2 = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+    # The unpatched baseline: same model, same tensor parallelism, nothing selected.
+    baseline = run_engine(model, patches=[], prompts=[PROBE], max_tokens=PROBE_TOKENS,
+                          engine_args={"tensor_parallel_size": 2}, env=tp2, workdir=tmp / "baseline")  # fmt: skip
+    assert baseline.processes and not any(p.applied for p in baseline.processes)
+    env = vllm_workspace.env(
+        **tp2,
+        VLLM_PLUGINS="custom_patches",
+        VLLM_CUSTOM_PATCHES="shortest_prompt_first,scheduler_trace,RankWitness",
+        VLLM_CUSTOM_PATCHES_PATH=str(write_rank_witness(tmp / "patches")),
+        VLLM_CUSTOM_PATCHES_TRACE_FILE=str(tmp / "trace.jsonl"),
+        VLLM_CUSTOM_PATCHES_CONTROL_TOKEN=TOKEN,
+        VCP_RANK_WITNESS_FILE=str(tmp / "ranks.jsonl"),
+        VCP_TAMPER_IN_PROCESS="VllmWorker-1",
+        VCP_TAMPER_FILE=str(tmp / "tamper-now"),
+    )
+    port, log = free_port(), tmp / "server.log"
+    proc = launch_serve(model, env, log, ["--host", "127.0.0.1", "--port", str(port), "--tensor-parallel-size", "2"])
+    try:
+        print(f"tensor parallel 2 with control ready in {wait_ready(port, {log: proc}):.1f}s")
+        yield ControlServer(port, model, proc, log, tmp / "trace.jsonl", tmp / "ranks.jsonl", tmp / "tamper-now",
+                            list(baseline.outputs[0]))  # fmt: skip
+    finally:
+        _stop_group(proc)
+
+
+# -- HTTP helpers -------------------------------------------------------------------
+
+
+def _request(url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        try:
+            return exc.code, json.loads(body)
+        except ValueError:
+            return exc.code, body
+
+
+def _control(server: ControlServer, action: str, name: str, *, token: str | None = TOKEN, body: bytes = b"{}") -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return _request(f"{server.url}/custom_patches/{name}/{action}", data=body, headers=headers)
+
+
+def _status(server: ControlServer) -> dict[str, Any]:
+    code, report = _request(f"{server.url}/custom_patches")
+    assert code == 200, report
+    assert isinstance(report, dict)
+    return report
+
+
+def _states(server: ControlServer, name: str) -> dict[tuple[str, int | None], str]:
+    """(role, tp_rank) -> the patch's state there."""
+    return {
+        (p["role"], p["tp_rank"]): next((q["state"] for q in p["patches"] if q["name"] == name), "-")
+        for p in _status(server)["processes"]
+    }
+
+
+def _complete(server: ControlServer, prompt: list[int], max_tokens: int) -> list[int]:
+    body = json.dumps({"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                       "ignore_eos": True, "return_token_ids": True}).encode()  # fmt: skip
+    code, answer = _request(f"{server.url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    assert code == 200, answer
+    return list(answer["choices"][0]["token_ids"])
+
+
+def _run_cli(server: ControlServer, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([CLI, *args, "--url", server.url], capture_output=True, text=True, timeout=120)
+
+
+# -- admission order, read from the engine core's trace ---------------------------------
+
+
+def _admitted_since(server: ControlServer, since: float) -> list[int]:
+    """Prompt lengths of the requests the scheduler admitted since ``since``, in order."""
+    order: list[int] = []
+    if not server.trace.exists():
+        return order
+    for line in server.trace.read_text().splitlines():
+        step = json.loads(line)
+        if step["time"] >= since:
+            order += [step["prompt_tokens"][rid] for rid in step["new"] if rid in step["prompt_tokens"]]
+    return order
+
+
+def _admission_order(server: ControlServer) -> list[int]:
+    """Queue SPF_REQUESTS behind a long-decoding head request; the order they were admitted in (prompt lengths)."""
+    since = time.time()
+    (head_len, head_tokens), others = SPF_REQUESTS[0][1:], SPF_REQUESTS[1:]
+    threads = [threading.Thread(target=_complete, args=(server, prompt_ids(0, head_len), head_tokens * 2))]
+    threads[0].start()
+    deadline = time.monotonic() + 60
+    while head_len not in _admitted_since(server, since):  # the head runs: the others will queue behind it
+        assert time.monotonic() < deadline, "the head request was never admitted"
+        time.sleep(0.02)
+    for index, (_, length, max_tokens) in enumerate(others, start=1):
+        thread = threading.Thread(target=_complete, args=(server, prompt_ids(index, length), max_tokens))
+        thread.start()
+        threads.append(thread)
+        time.sleep(0.1)  # arrival order = submission order
+    for thread in threads:
+        thread.join(timeout=120)
+    lengths = {length for _, length, _ in others}
+    return [n for n in _admitted_since(server, since) if n in lengths]
+
+
+FCFS = [length for _, length, _ in SPF_REQUESTS[1:]]  # arrival order
+SHORTEST_FIRST = sorted(FCFS)
+
+
+class _Stream:
+    """A client that keeps completions going (bounded in count and time) and records every failure."""
+
+    def __init__(self, server: ControlServer, limit: int = 400, seconds: float = 240) -> None:
+        self.server, self.limit, self.seconds = server, limit, seconds
+        self.outputs: list[list[int]] = []
+        self.failures: list[BaseException] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        deadline = time.monotonic() + self.seconds
+        while not self._stop.is_set() and time.monotonic() < deadline and len(self.outputs) < self.limit:
+            try:
+                self.outputs.append(_complete(self.server, prompt_ids(99, STREAM_LEN), 6))
+            except BaseException as exc:  # collected and asserted by the test
+                self.failures.append(exc)
+
+    def __enter__(self) -> _Stream:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=180)
+
+
+def _toggle_timings(server: ControlServer, rounds: int) -> list[float]:
+    timings = []
+    for _ in range(rounds):
+        for action in ("rollback", "apply"):
+            started = time.monotonic()
+            code, report = _control(server, action, "shortest_prompt_first")
+            timings.append(time.monotonic() - started)
+            assert code == 200 and report["ok"], report
+    return timings
+
+
+def test_rollback_and_reapply_under_a_stream_of_requests_switch_the_live_scheduler(server: ControlServer) -> None:
+    with _Stream(server) as stream:
+        assert _complete(server, PROBE, PROBE_TOKENS) == server.reference  # patched: same tokens as unpatched vLLM
+        assert _admission_order(server) == SHORTEST_FIRST
+
+        code, report = _control(server, "rollback", "shortest_prompt_first", body=b'{"reason": "p99 regression"}')
+        assert code == 200 and report["ok"], report
+        changed = [(p["role"], p["pid"]) for p in report["processes"] if p["changed"]]
+        (core,) = [p for p in _status(server)["processes"] if p["role"] == "engine_core"]
+        assert changed == [("engine_core", core["pid"])]  # the scheduler lives there only
+        assert _states(server, "shortest_prompt_first")[("engine_core", None)] == "available"
+        assert _admission_order(server) == FCFS  # vLLM's own first-come-first-served, live
+        assert _complete(server, PROBE, PROBE_TOKENS) == server.reference
+
+        code, report = _control(server, "apply", "shortest_prompt_first")
+        assert code == 200 and report["ok"], report
+        assert _states(server, "shortest_prompt_first")[("engine_core", None)] == "applied"
+        assert _admission_order(server) == SHORTEST_FIRST
+        assert _complete(server, PROBE, PROBE_TOKENS) == server.reference
+
+        loaded = _toggle_timings(server, rounds=5)
+    assert not stream.failures, stream.failures[:3]
+    assert len(stream.outputs) >= 5 and len({tuple(o) for o in stream.outputs}) == 1  # every one served, identically
+    idle = _toggle_timings(server, rounds=5)
+    print(f"toggle (POST to answer, every process switched): median {statistics.median(idle) * 1000:.0f} ms idle, "
+          f"{statistics.median(loaded) * 1000:.0f} ms under load; {len(stream.outputs)} streamed requests, none failed")  # fmt: skip
+    log = server.log.read_text(errors="replace")
+    assert "rollback of patch 'shortest_prompt_first' requested by 127.0.0.1:" in log and "(p99 regression)" in log
+
+
+def _witnessed_since(server: ControlServer, offset: int) -> set[int]:
+    lines = server.witness.read_text().splitlines()[offset:] if server.witness.exists() else []
+    return {json.loads(line)["pid"] for line in lines}
+
+
+def _witness_lines(server: ControlServer) -> int:
+    return len(server.witness.read_text().splitlines()) if server.witness.exists() else 0
+
+
+def _metric(server: ControlServer, patch: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "vllm_custom_patches_applied"]
+    return {s.labels["tp_rank"]: s.value for s in family.samples if s.labels["patch"] == patch and s.labels["role"] == "worker"}
+
+
+def test_a_worker_patch_is_switched_off_and_on_in_both_tensor_parallel_ranks(server: ControlServer) -> None:
+    workers = sorted((p for p in _status(server)["processes"] if p["role"] == "worker"), key=lambda p: p["tp_rank"])
+    pids = {w["pid"] for w in workers}
+    assert len(pids) == 2
+
+    result = _run_cli(server, "rollback", "RankWitness", "--token", TOKEN, "--reason", "ranks test")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "patch 'RankWitness' rolled back in every process where it applies" in result.stdout
+    states = _states(server, "RankWitness")
+    assert (states[("worker", 0)], states[("worker", 1)]) == ("available", "available")
+    assert _metric(server, "RankWitness") == {"0": 0.0, "1": 0.0}
+    before = _witness_lines(server)
+    _complete(server, PROBE, 4)
+    assert _witnessed_since(server, before) == set()  # neither rank runs the patch's code any more
+
+    result = _run_cli(server, "apply", "RankWitness", "--token", TOKEN, "--json")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert sorted(p["pid"] for p in report["processes"] if p["changed"]) == sorted(pids)
+    assert _metric(server, "RankWitness") == {"0": 1.0, "1": 1.0}
+    before = _witness_lines(server)
+    _complete(server, PROBE, 4)
+    assert _witnessed_since(server, before) == pids  # both ranks run it again, from inside each worker
+
+
+def test_a_rollback_one_rank_refuses_is_undone_everywhere_with_409(server: ControlServer) -> None:
+    server.tamper.touch()
+    try:
+        _complete(server, PROBE, 2)  # the next model step: another tool wraps the patched method in rank 1 only
+        result = _run_cli(server, "rollback", "RankWitness", "--token", TOKEN)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "REFUSED: patch 'RankWitness' was not rolled back; every process was put back as it was" in result.stdout
+        code, report = _control(server, "rollback", "RankWitness")
+        assert code == 409 and report["ok"] is False
+        by_rank = {p["tp_rank"]: p for p in report["processes"] if p["role"] == "worker"}
+        assert by_rank[0]["changed"] and by_rank[0]["reverted"] and by_rank[0]["state"] == "applied"
+        assert not by_rank[1]["ok"] and "was replaced after the patch was applied" in by_rank[1]["error"]
+        states = _states(server, "RankWitness")
+        assert (states[("worker", 0)], states[("worker", 1)]) == ("applied", "applied")  # as before: every rank has it
+        assert _status(server)["consistent"] is True
+    finally:
+        server.tamper.unlink(missing_ok=True)
+    _complete(server, PROBE, 2)  # the other tool unwraps itself at the next step
+    code, report = _control(server, "rollback", "RankWitness")
+    assert code == 200 and report["ok"], report
+    code, report = _control(server, "apply", "RankWitness")
+    assert code == 200 and report["ok"], report
+
+
+def test_refused_requests_change_nothing(server: ControlServer) -> None:
+    def applied() -> dict[int, list[str]]:
+        return {p["pid"]: p["applied"] for p in _status(server)["processes"]}
+
+    before = applied()
+    url = f"{server.url}/custom_patches/shortest_prompt_first/rollback"
+    assert _control(server, "rollback", "shortest_prompt_first", token=None)[0] == 403  # no header
+    assert _control(server, "rollback", "shortest_prompt_first", token="wrong-token-wrong-token")[0] == 403
+    assert _request(url, data=b"{}", headers={"Authorization": f"Basic {TOKEN}"})[0] == 403  # not a bearer token
+    code, body = _control(server, "rollback", "no_such_patch")
+    assert code == 404 and "shortest_prompt_first" in body["known"] and "RankWitness" in body["known"]
+    code, body = _control(server, "rollback", "shortest_prompt_first", body=b"{not json")
+    assert code == 422 and "not JSON" in body["error"]
+    code, body = _control(server, "rollback", "shortest_prompt_first", body=b'{"force": true}')
+    assert code == 422 and "'force'" in body["error"]
+    assert _control(server, "explode", "shortest_prompt_first")[0] == 404
+    assert _request(url)[0] == 405  # GET is not a control request
+    result = _run_cli(server, "rollback", "shortest_prompt_first", "--token", "wrong-token-wrong-token")
+    assert result.returncode == 2 and "403 Forbidden: the token was refused" in result.stderr
+    result = _run_cli(server, "rollback", "no_such_patch", "--token", TOKEN)
+    assert result.returncode == 2 and "known patches: " in result.stderr
+    assert applied() == before
+    log = server.log.read_text(errors="replace")
+    assert "refused: wrong token" in log and "refused: no bearer token" in log
