@@ -223,3 +223,62 @@ def test_the_control_routes_need_a_long_token(
         assert (_control_token_hash() is not None) is enabled
     if token and not enabled and token.strip():
         assert "is set but unusable" in caplog.text
+
+
+# -- the engine-side methods, on stand-ins for vLLM's engine core ------------------------
+
+
+class _Parallel:
+    tensor_parallel_size = 2
+    pipeline_parallel_size = 1
+    data_parallel_rank = 0
+    data_parallel_index = 1  # what vLLM 0.32 sets in each engine of `vllm serve --data-parallel-size N`
+
+
+class _Executor:
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+        self.calls: list[tuple[str, float | None, tuple[Any, ...]]] = []
+
+    def collective_rpc(self, method: str, timeout: float | None = None, args: tuple[Any, ...] = ()) -> Any:
+        self.calls.append((method, timeout, args))
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+
+class _EngineCore:
+    def __init__(self, answer: Any) -> None:
+        self.vllm_config = type("Config", (), {"parallel_config": _Parallel()})()
+        self.model_executor = _Executor(answer)
+
+
+def test_an_engine_core_reports_itself_with_its_data_parallel_rank_and_forwards_to_its_workers(patch: Any) -> None:
+    from vllm_custom_patches._agent import STATUS_METHOD, WORKER_TIMEOUT_S, _engine_core_control, _engine_core_status
+
+    worker = {"role": "worker", "pid": 7, "applied": ["switchable"]}
+    core = _EngineCore([worker, worker])
+    answer = _engine_core_status(core)
+    assert answer["engine_core"]["role"] == "engine_core" and answer["engine_core"]["dp_rank"] == 1
+    assert answer["workers"] == [worker, worker]
+    assert core.model_executor.calls == [(STATUS_METHOD, WORKER_TIMEOUT_S, ())]
+
+    PatchManager.apply(patch)
+    records = _engine_core_control(core, "rollback", "switchable", "op9", "test")
+    assert records[0]["role"] == "engine_core" and records[0]["changed"] and records[0]["dp_rank"] == 1
+    assert core.model_executor.calls[-1] == (CONTROL_METHOD, WORKER_TIMEOUT_S, ("rollback", "switchable", "op9", "test"))
+    assert undo("op9", "test")["undone"]
+    PatchManager.rollback("switchable")
+
+
+def test_workers_that_do_not_answer_are_reported_per_rank_not_raised(patch: Any) -> None:
+    from vllm_custom_patches._agent import _engine_core_control, _engine_core_status
+
+    core = _EngineCore(TimeoutError("RPC call to execute_model timed out."))
+    workers = _engine_core_status(core)["workers"]
+    assert [(w["role"], w["dp_rank"], w["tp_rank"]) for w in workers] == [("worker", 1, 0), ("worker", 1, 1)]
+    assert all("its workers did not answer: TimeoutError" in w["error"] for w in workers)
+    records = _engine_core_control(core, "apply", "switchable", "op10", "test")
+    assert [r["ok"] for r in records] == [True, False, False]  # the engine core changed; its workers count as failed
+    assert undo("op10", "test")["undone"]  # what the API server then asks for
+    assert _state("switchable") == "available"
