@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 DEV_STAMP := $(VENV)/.vcp-dev.stamp
 
-.PHONY: setup vllm demo test test-fast clean
+.PHONY: setup vllm vllm-next demo test test-fast clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,10 +23,16 @@ setup: $(DEV_STAMP)
 vllm: setup
 	scripts/install-vllm.sh $(VENV)
 
+# The next vLLM release, as a wheel read statically by `doctor --vllm` (the
+# compatibility matrix of the catalogue is tested against it); not installed.
+VLLM_NEXT ?= 0.33.0
+vllm-next: setup
+	scripts/fetch-vllm-wheel.sh $(VENV) $(VLLM_NEXT)
+
 demo: vllm
 	$(BIN)/python examples/scheduler_demo.py
 
-test: vllm
+test: vllm vllm-next
 	$(BIN)/python -m pytest
 
 test-fast: vllm

@@ -3,6 +3,7 @@
     vllm-custom-patches list             # every patch this environment can see
     vllm-custom-patches check [NAME...]  # try them against the installed vLLM, then roll back
     vllm-custom-patches version          # the vLLM version the gates compare
+    vllm-custom-patches doctor|show|lock # upgrade safety, see _doctor_cli
     vllm-custom-patches status --url URL # a running server: every process's patches
     vllm-custom-patches rollback NAME --url URL --token T   # its kill switch (and 'apply')
 
@@ -91,7 +92,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         control.add_argument("--reason", default="", help="why, for the server's log")
         control.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer (default 60)")
         controls.append(control)
-    for sub in (listing, check, commands.choices["version"], status, *controls):
+    from ._doctor_cli import add_commands
+
+    upgrade = add_commands(commands)
+    for sub in (listing, check, commands.choices["version"], status, *controls, *upgrade):
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
 
@@ -99,6 +103,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _status(args)
     if args.command in ("rollback", "apply"):
         return _control(args)
+    if args.command in ("doctor", "show", "lock"):
+        from ._doctor_cli import run
+
+        return run(args)
 
     if args.command == "version":
         detected = detect_vllm_version()

@@ -1,0 +1,209 @@
+"""``doctor``, ``show`` and ``lock`` against real vLLM: the installed 0.32.0 (imported) and 0.33.0 (its wheel, read statically).
+
+The real console script in a subprocess, on patch files written the way
+authors write them; the 0.33.0 wheel comes from ``make vllm-next``
+(``scripts/fetch-vllm-wheel.sh``), into the cache the tool reads.  The
+findings on 0.33.0 are vLLM's real changes: ``Scheduler.__init__`` changed,
+``AsyncScheduler._update_request_with_output`` is gone (the member moved to
+``Scheduler``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.vllm
+
+CLI = str(Path(sys.executable).with_name("vllm-custom-patches"))
+README = Path(__file__).resolve().parents[2] / "README.md"
+NEXT = "0.33.0"
+CATALOGUE = ["fair_share", "scheduler_trace", "shortest_prompt_first"]
+
+PATCHES = {
+    "narrow.py": '''
+from typing_extensions import override
+from vllm_custom_patches import VLLMPatch
+
+
+class NarrowSchedule(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
+    """Written for a vLLM whose schedule() took no arguments."""
+
+    @override
+    def schedule(self):
+        return self._original_schedule()
+''',
+    "ghost.py": '''
+from typing_extensions import override
+from vllm_custom_patches import VLLMPatch
+
+
+class Ghost(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
+    @override
+    def schedule_everything(self):
+        pass
+''',
+    "pair.py": '''
+from vllm_custom_patches import VLLMPatch
+
+
+class FirstWrapper(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
+    def schedule(self, *args, **kwargs):
+        return FirstWrapper.original("schedule")(self, *args, **kwargs)
+
+
+class SecondWrapper(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
+    def schedule(self, *args, **kwargs):
+        return SecondWrapper.original("schedule")(self, *args, **kwargs)
+''',
+    "async_update.py": '''
+from vllm_custom_patches import VLLMPatch
+
+
+class AsyncUpdate(VLLMPatch["vllm.v1.core.sched.async_scheduler:AsyncScheduler"]):
+    """Wraps AsyncScheduler's own _update_request_with_output (vLLM 0.32 has one)."""
+
+    def _update_request_with_output(self, *args, **kwargs):
+        return AsyncUpdate.original("_update_request_with_output")(self, *args, **kwargs)
+''',
+    "init_wrapper.py": '''
+from vllm_custom_patches import VLLMPatch
+
+
+class InitWrapper(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
+    def __init__(self, *args, **kwargs):
+        InitWrapper.original("__init__")(self, *args, **kwargs)
+        self.init_wrapped = True
+''',
+}
+
+
+@pytest.fixture
+def patch_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "patches"
+    directory.mkdir(mode=0o755)
+    for name, source in PATCHES.items():
+        (directory / name).write_text(source)
+        (directory / name).chmod(0o644)
+    return directory
+
+
+def _doctor(*args: str, env: dict[str, str] | None = None, patch_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_CUSTOM_PATCHES", "VLLM_PLUGINS"))}
+    environ["VLLM_CUSTOM_PATCHES_TRACE_FILE"] = os.devnull  # scheduler_trace's required setting
+    if patch_dir is not None:
+        environ["VLLM_CUSTOM_PATCHES_PATH"] = str(patch_dir)
+    environ.update(env or {})
+    return subprocess.run([CLI, *args], capture_output=True, text=True, env=environ, timeout=300)
+
+
+def _findings(result: subprocess.CompletedProcess[str]) -> list[dict[str, str]]:
+    report = json.loads(result.stdout)
+    return list(report["findings"])
+
+
+def test_the_catalogue_fits_the_installed_vllm(tmp_path: Path) -> None:
+    result = _doctor("doctor", *CATALOGUE, "--json", env={"VLLM_PLUGINS": "custom_patches"})
+    assert result.returncode == 1  # selected together, two policies own Scheduler.schedule
+    conflicts = [f for f in _findings(result) if f["check"] == "conflict"]
+    assert conflicts and all(f["severity"] == "error" for f in conflicts)
+    for name in CATALOGUE:  # each on its own: fine
+        alone = _doctor("doctor", name, "--json")
+        assert alone.returncode == 0, alone.stdout + alone.stderr
+        assert json.loads(alone.stdout)["patches"] == {name: "ok"}
+
+
+def test_an_override_that_cannot_take_the_originals_arguments_is_an_error_naming_the_parameter(patch_dir: Path) -> None:
+    result = _doctor("doctor", "NarrowSchedule", patch_dir=patch_dir)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "NarrowSchedule: ERROR" in result.stdout
+    assert re.search(r"\[signature\] schedule\(self\) cannot take every call the original schedule\(self, throttle_prefills=False\) accepts: .*'throttle_prefills'", result.stdout), result.stdout
+
+
+def test_a_member_the_target_does_not_have_and_a_conflict_are_errors(patch_dir: Path) -> None:
+    result = _doctor("doctor", "Ghost", "--json", patch_dir=patch_dir)
+    assert result.returncode == 1
+    (missing,) = [f for f in _findings(result) if f["check"] == "member"]
+    assert "has no member 'schedule_everything'" in missing["message"] and "@override" in missing["message"]
+    result = _doctor("doctor", "FirstWrapper", "SecondWrapper", "--json", patch_dir=patch_dir)
+    assert result.returncode == 1
+    (conflict,) = [f for f in _findings(result) if f["check"] == "conflict"]
+    assert conflict["patch"] == "SecondWrapper" and "FirstWrapper" in conflict["message"]
+    assert _doctor("doctor", "FirstWrapper", "--json", patch_dir=patch_dir).returncode == 0
+
+
+def test_the_setup_checks_name_the_vllm_plugins_pitfalls_and_bad_settings(patch_dir: Path) -> None:
+    result = _doctor("doctor", "FirstWrapper", patch_dir=patch_dir, env={"VLLM_PLUGINS": "lora_filesystem_resolver, custom_patches"})
+    assert result.returncode == 1
+    assert "with a space, which vLLM does not strip; write VLLM_PLUGINS=lora_filesystem_resolver,custom_patches" in result.stdout
+    result = _doctor("doctor", "FirstWrapper", patch_dir=patch_dir, env={"VLLM_PLUGINS": "other"})
+    assert result.returncode == 1 and "add it: VLLM_PLUGINS=other,custom_patches" in result.stdout
+    result = _doctor("doctor", patch_dir=patch_dir, env={"VLLM_CUSTOM_PATCHES": "FirstWraper"})
+    assert result.returncode == 1 and "Did you mean 'FirstWrapper'?" in result.stdout
+    result = _doctor("doctor", env={"VLLM_CUSTOM_PATCHES": "-a"})
+    assert result.returncode == 2 and "VLLM_CUSTOM_PATCHES" in result.stderr
+    result = _doctor("doctor", "--vllm-source", "/no/such/dir")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_against_the_next_vllm_read_statically_a_moved_member_is_an_error(patch_dir: Path) -> None:
+    assert _doctor("doctor", "AsyncUpdate", patch_dir=patch_dir).returncode == 0  # fits 0.32
+    result = _doctor("doctor", "AsyncUpdate", "--vllm", NEXT, "--json", patch_dir=patch_dir)
+    assert result.returncode == 1, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert report["vllm"].startswith(f"vLLM {NEXT} (source ")
+    (moved,) = [f for f in report["findings"] if f["check"] == "moved"]
+    assert "defined in the target itself on vLLM 0.32.0 (installed)" in moved["message"]
+    assert "inherited from vllm.v1.core.sched.scheduler:Scheduler here" in moved["message"]
+    assert _imported_from_the_cache(["doctor", "AsyncUpdate", "--vllm", NEXT], patch_dir) == set()
+
+
+def _imported_from_the_cache(args: list[str], patch_dir: Path) -> set[str]:
+    """Modules a doctor run imports from the downloaded wheel's code: none, it is only read."""
+    code = (
+        "import sys; from vllm_custom_patches._cli import main; rc = main(sys.argv[1:]); "
+        "import json; print(json.dumps(sorted(m for m, mod in sys.modules.items() "
+        f"if getattr(mod, '__file__', None) and {str(Path.home() / '.cache')!r} in mod.__file__)))"
+    )
+    environ = {**os.environ, "VLLM_CUSTOM_PATCHES_PATH": str(patch_dir)}
+    out = subprocess.run([sys.executable, "-c", code, *args, "--json"], capture_output=True, text=True, env=environ, timeout=300)
+    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def test_a_changed_original_is_a_warning_with_its_diff_and_an_error_once_locked(patch_dir: Path) -> None:
+    result = _doctor("doctor", "InitWrapper", "--vllm", NEXT, "--json", patch_dir=patch_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (drift,) = [f for f in _findings(result) if f["check"] == "drift"]
+    assert drift["severity"] == "warning" and "Scheduler.__init__ changed since vLLM 0.32.0 (installed)" in drift["message"]
+    assert drift["detail"].startswith("--- __init__ (vLLM 0.32.0 (installed))\n+++ __init__ (checked)\n")
+
+    locked = _doctor("lock", "InitWrapper", patch_dir=patch_dir)
+    assert locked.returncode == 0, locked.stderr
+    lock_file = patch_dir / "init_wrapper.lock.json"
+    entry = json.loads(lock_file.read_text())["patches"]["InitWrapper"]
+    assert entry["target"] == "vllm.v1.core.sched.scheduler:Scheduler"
+    assert entry["versions"]["0.32.0"]["__init__"]["fingerprint"].startswith("sha256:")
+
+    assert _doctor("doctor", "InitWrapper", patch_dir=patch_dir).returncode == 0  # the lock matches 0.32.0
+    result = _doctor("doctor", "InitWrapper", "--vllm", NEXT, patch_dir=patch_dir)
+    assert result.returncode == 1, result.stdout
+    assert "ERROR   [drift] the original Scheduler.__init__ changed since vLLM 0.32.0 (locked)" in result.stdout
+    assert re.search(r"^      [-+] ", result.stdout, re.MULTILINE)  # the diff, indented under the finding
+
+    shown = _doctor("show", "InitWrapper", "--vllm", NEXT, patch_dir=patch_dir)
+    assert shown.returncode == 0 and "CHANGED since locked" in shown.stdout
+    assert "original  __init__(self, vllm_config" in shown.stdout and "override  __init__(self, *args, **kwargs)" in shown.stdout
+
+
+def test_the_readme_compatibility_matrix_is_what_doctor_finds() -> None:
+    result = _doctor("doctor", *CATALOGUE, "--matrix", f"0.32.0,{NEXT}")
+    assert result.returncode == 0, result.stdout + result.stderr  # no errors: the gates (<0.34) agree
+    table = result.stdout.strip()
+    assert table.splitlines()[0] == f"| patch | vLLM 0.32.0 | vLLM {NEXT} |"
+    assert table in README.read_text(), f"README's compatibility matrix is out of date; it should read:\n{table}"
