@@ -93,12 +93,12 @@ def _by_check(findings: list[Any]) -> dict[str, list[Any]]:
     return out
 
 
-def test_reach_warns_about_a_subclass_that_never_calls_the_patched_member(v1: StaticView) -> None:
+def test_reach_is_an_error_for_a_subclass_that_never_calls_the_patched_member(v1: StaticView) -> None:
     with isolated_registry():
         probe = _patch("def schedule(self, *args, **kwargs):\n    return []\n")
         found = _by_check(check_patches([probe], v1, None))
     reach = {(f.severity, f.message.split(" ")[0]) for f in found["reach"]}
-    assert reach == {("info", "fakevllm.sched.fast:Fast"), ("warning", "fakevllm.sched.fast:Rogue")}
+    assert reach == {("info", "fakevllm.sched.fast:Fast"), ("error", "fakevllm.sched.fast:Rogue")}
     assert "signature" not in found and "member" not in found
 
 

@@ -8,7 +8,8 @@ against one that is not installed (see ``_vllm_views``):
 * per patch: its gate, its target, each overridden member present, the
   override accepting every call the original accepts, its ``_original_``
   references, conflicts between the selected patches;
-* against a baseline (the patch's lock file, else the installed vLLM): a
+* against a baseline (the patch's lock for the members its author locked,
+  the installed vLLM for the others): a
   member that *moved* (defined in the target on one side, inherited on the
   other), an original whose code changed (with a diff; an error for members
   the author locked, a warning otherwise), parameters an original gained;
@@ -16,7 +17,9 @@ against one that is not installed (see ``_vllm_views``):
   without calling ``super()`` (their instances never run the patch).
 
 Errors: missing target or member, incompatible signature, unresolvable
-``_original_`` reference, conflict, a move, a locked member's changed code.
+``_original_`` reference, conflict, a move, a locked member's changed code,
+a subclass that overrides a patched member without reaching it, a gate that
+excludes the version of a patch selected by name.
 """
 
 from __future__ import annotations
@@ -117,14 +120,15 @@ def check_environment(environ: Mapping[str, str]) -> list[Finding]:
 # -- the patches -------------------------------------------------------------------------
 
 
-_Member = tuple[str, bool, "inspect.Signature | None", "str | None"]
-
-
 @dataclass(frozen=True)
-class _Baseline:
+class _Reference:
+    """What one member was on the baseline: the lock (locked) or the installed vLLM."""
+
     label: str
-    members: dict[str, _Member]
-    """member -> (defined_in, own, signature, source)"""
+    defined_in: str
+    own: bool
+    signature: inspect.Signature | None
+    source: str | None
     locked: bool
 
 
@@ -133,12 +137,13 @@ def check_patches(
 ) -> list[Finding]:
     """Every finding about ``patches`` against ``view``; ``installed`` is the baseline when no lock exists.
 
-    ``together``: they are meant to be applied together (an explicit
-    selection), so conflicts between them count; otherwise each is tried alone.
+    ``together``: they were selected explicitly, to be applied together: a
+    gate that excludes the version and conflicts between them are errors (as
+    the plugin would fail); otherwise each is judged alone and a gate only noted.
     """
     findings: list[Finding] = []
     for patch_cls in patches:
-        findings += _check_one(patch_cls, view, installed)
+        findings += _check_one(patch_cls, view, installed, explicit=together)
     if together:
         findings += _check_conflicts(patches, view)
     else:
@@ -147,7 +152,7 @@ def check_patches(
     return findings
 
 
-def _check_one(patch_cls: type[VLLMPatch[Any]], view: View, installed: InstalledView | None) -> list[Finding]:
+def _check_one(patch_cls: type[VLLMPatch[Any]], view: View, installed: InstalledView | None, *, explicit: bool) -> list[Finding]:
     spec = patch_cls._vcp_spec
     name = spec.name
     out: list[Finding] = []
@@ -156,65 +161,63 @@ def _check_one(patch_cls: type[VLLMPatch[Any]], view: View, installed: Installed
         from packaging.version import Version
 
         if not gate.contains(Version(view.version), prereleases=True):
-            out.append(Finding("info", "gate", f"its gate ({gate}) excludes vLLM {view.version}: the plugin does not "
-                               "apply it there", name))  # fmt: skip
+            consequence = "start-up fails there, since it is selected by name" if explicit else "the plugin skips it there"
+            out.append(Finding("error" if explicit else "info", "gate", f"its gate ({gate}) excludes vLLM "
+                               f"{view.version}: {consequence}", name))  # fmt: skip
     baseline = _baseline(patch_cls, view, installed)
     overridden: set[str] = set()
     try:
         for member_name, member in spec.members.items():
             original = view.member(spec.target, name, member_name)
-            known_before = baseline is not None and member_name in baseline.members
+            ref = baseline.get(member_name)
             if original is None:
-                if is_override_marked(member) or member_name in spec.original_refs or known_before:
+                if is_override_marked(member) or member_name in spec.original_refs or ref is not None:
                     why = ("it calls self._original_" + member_name) if member_name in spec.original_refs else (
-                        "it is marked @override" if is_override_marked(member) else f"it replaced it on {baseline.label if baseline else ''}")
+                        "it is marked @override" if is_override_marked(member) else f"it replaced it on {ref.label if ref else ''}")
                     out.append(Finding("error", "member", f"{spec.target_label} has no member {member_name!r}, which the "
                                        f"patch replaces ({why}): it was removed or renamed", name, member_name))  # fmt: skip
                 continue
             overridden.add(member_name)
-            out += _check_member(name, member_name, member, original, baseline)
+            out += _check_member(name, member_name, member, original, ref)
         out += _check_reach(spec.target, name, overridden, view)
     except TargetNotFound as exc:
         out.append(Finding("error", "target", f"its target is missing: {exc}", name))
     return out
 
 
-def _check_member(patch: str, member_name: str, member: object, original: Original, baseline: _Baseline | None) -> list[Finding]:
+def _check_member(patch: str, member_name: str, member: object, original: Original, ref: _Reference | None) -> list[Finding]:
     from ._signatures import describe, gained_parameters, incompatibilities
 
     out = []
     override_sig = function_signature(member)
     if original.signature is not None and override_sig is not None:
         problems = incompatibilities(original.signature, override_sig)
-        gained: list[str] = []
-        if baseline is not None and member_name in baseline.members and baseline.members[member_name][2] is not None:
-            gained = gained_parameters(baseline.members[member_name][2], original.signature)  # type: ignore[arg-type]
-        note = f" (new since {baseline.label}: {', '.join(gained)})" if gained and baseline else ""
+        gained = gained_parameters(ref.signature, original.signature) if ref and ref.signature else []
+        note = f" (new since {ref.label}: {', '.join(gained)})" if gained and ref else ""
         for problem in problems:
             out.append(Finding("error", "signature", f"{member_name}{describe(override_sig)} cannot take every call the "
                                f"original {member_name}{describe(original.signature)} accepts: {problem}{note}",
                                patch, member_name))  # fmt: skip
-        if gained and not problems and baseline:
+        if gained and not problems and ref:
             out.append(Finding("info", "signature", f"the original {member_name} gained {', '.join(gained)} since "
-                               f"{baseline.label}; the override accepts it", patch, member_name))  # fmt: skip
-    if baseline is None or member_name not in baseline.members:
+                               f"{ref.label}; the override accepts it", patch, member_name))  # fmt: skip
+    if ref is None:
         return out
-    defined_in, own, _, source = baseline.members[member_name]
-    if own != original.own:
+    if ref.own != original.own:
 
         def where(is_own: bool, holder: str) -> str:
             return "defined in the target itself" if is_own else f"inherited from {holder}"
 
-        out.append(Finding("error", "moved", f"{member_name} moved: {where(own, defined_in)} on {baseline.label}, "
+        out.append(Finding("error", "moved", f"{member_name} moved: {where(ref.own, ref.defined_in)} on {ref.label}, "
                            f"{where(original.own, original.defined_in)} here; the original the patch wraps is other code",
                            patch, member_name))  # fmt: skip
-    if source is not None and original.source is not None and fingerprint(source) != fingerprint(original.source):
-        diff = "".join(difflib.unified_diff(_lines(source), _lines(original.source),
-                                            f"{member_name} ({baseline.label})", f"{member_name} (checked)"))  # fmt: skip
-        severity = "error" if baseline.locked else "warning"
-        why = "the patch is locked against it" if baseline.locked else "a pass-through wrapper does not care; one that re-implements it does"
+    if ref.source is not None and original.source is not None and fingerprint(ref.source) != fingerprint(original.source):
+        diff = "".join(difflib.unified_diff(_lines(ref.source), _lines(original.source),
+                                            f"{member_name} ({ref.label})", f"{member_name} (checked)"))  # fmt: skip
+        severity = "error" if ref.locked else "warning"
+        why = "the patch is locked against it" if ref.locked else "a pass-through wrapper does not care; one that re-implements it does"
         out.append(Finding(severity, "drift", f"the original {original.defined_in.split(':')[-1]}.{member_name} changed "
-                           f"since {baseline.label} ({why})", patch, member_name, diff))  # fmt: skip
+                           f"since {ref.label} ({why})", patch, member_name, diff))  # fmt: skip
     return out
 
 
@@ -229,41 +232,42 @@ def _check_reach(target: Any, patch: str, overridden: set[str], view: View) -> l
             out.append(Finding("info", "reach", f"{sub.cls} overrides {sub.member} and calls super(): the patch runs "
                                "inside it", patch, sub.member))  # fmt: skip
         else:
-            out.append(Finding("warning", "reach", f"{sub.cls} overrides {sub.member} without calling super(): its "
-                               f"instances never run the patch's {sub.member}", patch, sub.member))  # fmt: skip
+            out.append(Finding("error", "reach", f"{sub.cls} overrides {sub.member} without calling super(): its "
+                               f"instances never run the patch's {sub.member}; patch {sub.cls.split(':')[-1]} too, "
+                               "or the class vLLM really instantiates", patch, sub.member))  # fmt: skip
     if target_label(target) == _SCHEDULER:
         out.append(Finding("info", "reach", "vLLM instantiates AsyncScheduler (a subclass) when async scheduling is on, "
                            "its default, Scheduler otherwise, or the class --scheduler-cls names (not checked here)", patch))  # fmt: skip
     return out
 
 
-def _baseline(patch_cls: type[VLLMPatch[Any]], view: View, installed: InstalledView | None) -> _Baseline | None:
+def _baseline(patch_cls: type[VLLMPatch[Any]], view: View, installed: InstalledView | None) -> dict[str, _Reference]:
+    """Per member, what the checked vLLM is compared with: the lock for the members the author
+    locked, the installed vLLM for the others (when the checked vLLM is another one)."""
     from packaging.version import Version
 
     from ._signatures import signature_from_ast
 
     spec = patch_cls._vcp_spec
+    refs: dict[str, _Reference] = {}
+    if installed is not None and installed.version != view.version:
+        for name in spec.members:
+            try:
+                original = installed.member(spec.target, spec.name, name)
+            except TargetNotFound:
+                break
+            if original is not None:
+                refs[name] = _Reference(installed.label, original.defined_in, original.own, original.signature,
+                                        original.source, locked=False)  # fmt: skip
     module = sys.modules.get(patch_cls.__module__)
     lock = read_lock(getattr(module, "__file__", None), spec.name)
     if lock:
         version = view.version if view.version in lock else max(lock, key=Version)
-        members: dict[str, _Member] = {}
         for name, locked in lock[version].items():
             node = _first_def(locked.source)
-            members[name] = (locked.defined_in, locked.defined_in == spec.target_label,
-                             signature_from_ast(node) if node is not None else None, locked.source)  # fmt: skip
-        return _Baseline(f"vLLM {version} (locked)", members, locked=True)
-    if installed is None or installed.version == view.version:
-        return None
-    members = {}
-    for name in spec.members:
-        try:
-            original = installed.member(spec.target, spec.name, name)
-        except TargetNotFound:
-            return None
-        if original is not None:
-            members[name] = (original.defined_in, original.own, original.signature, original.source)
-    return _Baseline(installed.label, members, locked=False)
+            refs[name] = _Reference(f"vLLM {version} (locked)", locked.defined_in, locked.defined_in == spec.target_label,
+                                    signature_from_ast(node) if node is not None else None, locked.source, locked=True)  # fmt: skip
+    return refs
 
 
 def _first_def(source: str) -> Any:
@@ -279,16 +283,19 @@ def _first_def(source: str) -> Any:
 def _check_conflicts(patches: Sequence[type[VLLMPatch[Any]]], view: View) -> list[Finding]:
     if isinstance(view, InstalledView):
         return _apply_each(patches)
+    # As the manager would refuse them, applying in order: a patch that
+    # conflicts is not applied, so it owns nothing for the ones after it.
     owners: dict[tuple[str, str], str] = {}
     out = []
     for patch_cls in patches:
         spec = patch_cls._vcp_spec
-        for member in spec.members:
-            key = (spec.target_label, member)
-            if key in owners:
-                out.append(Finding("error", "conflict", f"{spec.target_label}.{member} is replaced by {owners[key]!r} too; "
-                                   "two patches cannot own one member", spec.name, member))  # fmt: skip
-            owners.setdefault(key, spec.name)
+        taken = {member: owners[(spec.target_label, member)] for member in spec.members if (spec.target_label, member) in owners}
+        if taken:
+            clash = ", ".join(f"{spec.target_label}.{member} (owned by {owner!r})" for member, owner in taken.items())
+            out.append(Finding("error", "conflict", f"patch {spec.name!r} replaces what another selected patch "
+                               f"replaces: {clash}; two patches cannot own one member", spec.name))  # fmt: skip
+            continue
+        owners.update({(spec.target_label, member): spec.name for member in spec.members})
     return out
 
 

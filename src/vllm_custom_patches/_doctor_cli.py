@@ -58,6 +58,7 @@ class _Usage(Exception):
 
 def run(args: argparse.Namespace) -> int:
     from ._errors import PatchError
+    from ._fingerprint import LockFileError
     from ._manager import PatchManager
     from .testing import isolated_registry
 
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
             if args.command == "show":
                 return _show(args)
             return _lock(args)
-        except (_Usage, PatchError) as exc:
+        except (_Usage, PatchError, LockFileError) as exc:
             print(f"vllm-custom-patches: {exc}", file=sys.stderr)
             return 2
         finally:
@@ -94,8 +95,17 @@ def _view(source: str | None, version: str | None) -> Any:
         return installed
     root = Path(source) if source else _download(version or "")
     if not root.exists():
-        raise _Usage(f"--vllm-source {root} does not exist")
-    return StaticView(root, version or _version_of(root))
+        raise _Usage(f"--vllm-source {root} does not exist; give the directory that holds vllm/, or a vLLM .whl")
+    try:
+        view = StaticView(root, version or "0")
+    except Exception as exc:  # an unreadable file or directory, a corrupt wheel
+        raise _Usage(f"--vllm-source {root} cannot be read: {type(exc).__name__}: {exc}") from None
+    if view.tree.module_path("vllm") is None:
+        raise _Usage(f"--vllm-source {root} is not vLLM: it holds no vllm/ package; give an unpacked vLLM wheel or source tree")
+    if version is None:
+        view.version = _version_of(root)
+        view.label = f"vLLM {view.version} (source {root})"
+    return view
 
 
 def _version_of(root: Path) -> str:

@@ -29,7 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["LockedMember", "fingerprint", "lock_path", "read_lock", "write_lock"]
+__all__ = ["LockFileError", "LockedMember", "fingerprint", "lock_path", "read_lock", "write_lock"]
+
+
+class LockFileError(ValueError):
+    """A lock file that cannot be read; the message names it and the fix."""
 
 _FORMAT = 1
 
@@ -73,14 +77,20 @@ def read_lock(module_file: str | os.PathLike[str] | None, patch: str) -> dict[st
     path = lock_path(module_file)
     if not path.is_file():
         return {}
-    data = json.loads(path.read_text())
-    if data.get("format") != _FORMAT:
-        raise ValueError(f"{path}: lock format {data.get('format')!r} is not {_FORMAT}; run 'vllm-custom-patches lock' again")
-    entry = data.get("patches", {}).get(patch, {})
-    return {
-        version: {member: LockedMember(**fields) for member, fields in members.items()}
-        for version, members in entry.get("versions", {}).items()
-    }
+    fix = "delete it and run 'vllm-custom-patches lock' again"
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            raise LockFileError(f"lock file {path} is not in format {_FORMAT}; {fix}")
+        entry = data.get("patches", {}).get(patch, {})
+        return {
+            str(version): {str(member): LockedMember(**fields) for member, fields in members.items()}
+            for version, members in entry.get("versions", {}).items()
+        }
+    except LockFileError:
+        raise
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise LockFileError(f"lock file {path} is corrupt ({type(exc).__name__}: {exc}); {fix}") from None
 
 
 def write_lock(module_file: str | os.PathLike[str], patch: str, target: str, version: str, members: dict[str, LockedMember]) -> Path:

@@ -72,6 +72,28 @@ class AsyncUpdate(VLLMPatch["vllm.v1.core.sched.async_scheduler:AsyncScheduler"]
     def _update_request_with_output(self, *args, **kwargs):
         return AsyncUpdate.original("_update_request_with_output")(self, *args, **kwargs)
 ''',
+    "worker_memory.py": '''
+from vllm_custom_patches import VLLMPatch
+
+
+class WorkerMemory(VLLMPatch["vllm.v1.worker.gpu_worker:Worker"]):
+    """Reserves memory on the (GPU) worker; CPUWorker overrides the member without super()."""
+
+    def determine_available_memory(self):
+        return WorkerMemory.original("determine_available_memory")(self)
+''',
+    "prefix_hit.py": '''
+from typing_extensions import override
+from vllm_custom_patches import VLLMPatch
+
+
+class PrefixHit(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
+    """Written against vLLM 0.32's _get_local_prefix_cache_hit(self, request)."""
+
+    @override
+    def _get_local_prefix_cache_hit(self, request):
+        return PrefixHit.original("_get_local_prefix_cache_hit")(self, request)
+''',
     "init_wrapper.py": '''
 from vllm_custom_patches import VLLMPatch
 
@@ -207,3 +229,55 @@ def test_the_readme_compatibility_matrix_is_what_doctor_finds() -> None:
     table = result.stdout.strip()
     assert table.splitlines()[0] == f"| patch | vLLM 0.32.0 | vLLM {NEXT} |"
     assert table in README.read_text(), f"README's compatibility matrix is out of date; it should read:\n{table}"
+
+
+def test_a_patch_on_a_member_a_subclass_overrides_without_super_is_an_error(patch_dir: Path) -> None:
+    result = _doctor("doctor", "WorkerMemory", "--json", patch_dir=patch_dir)
+    assert result.returncode == 1, result.stdout + result.stderr
+    reach = {f["message"].split(" ")[0]: f for f in _findings(result) if f["check"] == "reach" and f["severity"] == "error"}
+    cpu = reach["vllm.v1.worker.cpu_worker:CPUWorker"]
+    assert cpu["member"] == "determine_available_memory" and "without calling super()" in cpu["message"]
+
+
+def test_a_parameter_the_original_gained_in_the_next_vllm_is_named(patch_dir: Path) -> None:
+    assert _doctor("doctor", "PrefixHit", patch_dir=patch_dir).returncode == 0
+    result = _doctor("doctor", "PrefixHit", "--vllm", NEXT, "--json", patch_dir=patch_dir)
+    assert result.returncode == 1, result.stdout + result.stderr
+    (error,) = [f for f in _findings(result) if f["check"] == "signature"]
+    assert "'max_cache_hit_length'" in error["message"] and error["member"] == "_get_local_prefix_cache_hit"
+    assert "(new since vLLM 0.32.0 (installed): max_cache_hit_length)" in error["message"]
+
+
+def test_the_static_reading_finds_what_the_import_finds_on_the_installed_vllm(patch_dir: Path) -> None:
+    import sysconfig
+
+    names = ["NarrowSchedule", "Ghost", "FirstWrapper", "SecondWrapper", "AsyncUpdate", "PrefixHit", "InitWrapper", *CATALOGUE]
+
+    def findings(*extra: str) -> set[tuple[str, str, str, str]]:
+        result = _doctor("doctor", *names, "--json", "-v", *extra, patch_dir=patch_dir)
+        assert result.returncode == 1, result.stderr  # the drifted ones
+        return {(f["severity"], f["check"], f["patch"], f["member"]) for f in _findings(result)}
+
+    imported = findings()
+    static = findings("--vllm-source", sysconfig.get_paths()["purelib"], "--vllm", "0.32.0")
+    assert static == imported
+    checks = {check for _, check, _, _ in imported}
+    assert {"signature", "member", "conflict", "reach"} <= checks
+
+
+def test_bad_input_exits_2_saying_what_to_fix(patch_dir: Path, tmp_path: Path) -> None:
+    import zipfile
+
+    not_vllm = tmp_path / "other-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(not_vllm, "w") as wheel:
+        wheel.writestr("other/__init__.py", "")
+    result = _doctor("doctor", "FirstWrapper", "--vllm-source", str(not_vllm), patch_dir=patch_dir)
+    assert result.returncode == 2 and "is not vLLM: it holds no vllm/ package" in result.stderr
+    corrupt = tmp_path / "corrupt.whl"
+    corrupt.write_bytes(b"not a zip")
+    result = _doctor("doctor", "FirstWrapper", "--vllm-source", str(corrupt), patch_dir=patch_dir)
+    assert result.returncode == 2 and "cannot be read" in result.stderr
+    (patch_dir / "pair.lock.json").write_text("{not json")
+    result = _doctor("doctor", "FirstWrapper", patch_dir=patch_dir)
+    assert result.returncode == 2, result.stdout
+    assert "pair.lock.json is corrupt" in result.stderr and "run 'vllm-custom-patches lock' again" in result.stderr
