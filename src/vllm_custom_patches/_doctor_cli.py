@@ -232,6 +232,8 @@ def _print_matrix(reports: list[Any], versions: list[str | None]) -> None:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from packaging.version import Version
+
     from ._fingerprint import fingerprint, read_lock
     from ._signatures import describe
     from ._vllm_views import TargetNotFound, function_signature
@@ -249,7 +251,7 @@ def _show(args: argparse.Namespace) -> int:
         except TargetNotFound as exc:
             raise _Usage(str(exc)) from None
         override = function_signature(member)
-        locked = lock.get(view.version, {}).get(name) or (lock[max(lock)].get(name) if lock else None)
+        locked = lock.get(view.version, {}).get(name) or (lock[max(lock, key=Version)].get(name) if lock else None)
         state = "not locked"
         if locked is not None and original is not None and original.source is not None:
             state = "matches the lock" if fingerprint(original.source) == locked.fingerprint else "CHANGED since locked"

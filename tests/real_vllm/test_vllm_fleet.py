@@ -8,7 +8,8 @@ written by the patched code from inside those processes.
 
 Servers are shared per module (starting one costs 40-90 s here): one data-
 parallel server, one three-node cluster, one tensor-parallel server whose
-rank 1 cannot take the worker patch.  The tests on a shared server only read.
+rank 1 cannot take the worker patch.  The tests on a shared server only read,
+except the kill-switch test, which rolls a patch back and applies it again.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from _engine import _stop_group, free_port, launch_serve, tail, wait_ready, writ
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 API_KEY = "fleet-test-key"
+CONTROL_TOKEN = "fleet-control-token-0123456789"
 CLI = str(Path(sys.executable).with_name("vllm-custom-patches"))
 
 
@@ -123,6 +125,7 @@ def dp_server(vllm_workspace: Any, tmp_path_factory: pytest.TempPathFactory) -> 
     env = _cpu_env(
         vllm_workspace, "0|1",
         VLLM_PLUGINS="custom_patches",
+        VLLM_CUSTOM_PATCHES_CONTROL_TOKEN=CONTROL_TOKEN,
         VLLM_CUSTOM_PATCHES="scheduler_trace,RankWitness",
         VLLM_CUSTOM_PATCHES_PATH=str(write_rank_witness(tmp / "patches")),
         VLLM_CUSTOM_PATCHES_TRACE_FILE=str(files["trace"]),
@@ -237,17 +240,29 @@ def test_the_status_cli_shows_the_table_and_exits_0_on_a_consistent_server(dp_se
     assert result.returncode == 2 and "pass the server's API key with --api-key" in result.stderr
 
 
-def test_without_a_control_token_the_kill_switch_does_not_exist(dp_server: Cluster) -> None:
-    request = urllib.request.Request(
-        f"{dp_server.url}/custom_patches/scheduler_trace/rollback", data=b"{}", method="POST",
-        headers={"Authorization": f"Bearer {API_KEY}"},
-    )  # fmt: skip
-    with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(request, timeout=30)
-    assert refused.value.code == 404
-    result = _run_cli("rollback", "scheduler_trace", "--url", dp_server.url, "--token", "x" * 20)
-    assert result.returncode == 2 and "VLLM_CUSTOM_PATCHES_CONTROL_TOKEN" in result.stderr
-    assert all(c["applied"] == ["scheduler_trace"] for c in _by_role(_status(dp_server), "engine_core"))
+def _post(url: str, token: str) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=b"{}", method="POST", headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_the_kill_switch_reaches_the_engine_core_of_every_data_parallel_rank(dp_server: Cluster) -> None:
+    code, report = _post(f"{dp_server.url}/custom_patches/scheduler_trace/rollback", CONTROL_TOKEN)
+    assert code == 200 and report["ok"], report
+    changed = sorted((p["role"], p["dp_rank"]) for p in report["processes"] if p["changed"])
+    assert changed == [("engine_core", 0), ("engine_core", 1)]
+    assert [c["applied"] for c in _by_role(_status(dp_server), "engine_core")] == [[], []]
+    before = len(dp_server.files["trace"].read_text().splitlines())
+    for i in range(4):
+        _complete(dp_server, f"untraced {i}")
+    assert len(dp_server.files["trace"].read_text().splitlines()) == before  # neither engine core traces now
+    code, report = _post(f"{dp_server.url}/custom_patches/scheduler_trace/apply", CONTROL_TOKEN)
+    assert code == 200 and report["ok"], report
+    assert [c["applied"] for c in _by_role(_status(dp_server), "engine_core")] == [["scheduler_trace"]] * 2
+    assert _status(dp_server)["consistent"] is True
 
 
 # -- multi-node: three nodes, one started without VLLM_CUSTOM_PATCHES ----------------------
@@ -319,6 +334,13 @@ def test_multi_node_patched_nodes_apply_everywhere_and_the_unpatched_node_is_nam
               if s.labels["patch"] == "scheduler_trace"}  # fmt: skip
     assert (values[("engine_core", "0")], values[("engine_core", "1")], values[("engine_core", "2")]) == (1.0, 1.0, 0.0)
     assert [s.value for s in families["vllm_custom_patches_consistent"].samples] == [0.0]
+
+
+def test_without_a_control_token_the_kill_switch_does_not_exist(three_nodes: Cluster) -> None:
+    assert _post(f"{three_nodes.url}/custom_patches/scheduler_trace/rollback", "x" * 20)[0] == 404
+    result = _run_cli("rollback", "scheduler_trace", "--url", three_nodes.url, "--token", "x" * 20)
+    assert result.returncode == 2 and "VLLM_CUSTOM_PATCHES_CONTROL_TOKEN" in result.stderr
+    assert [c["applied"] for c in _by_role(_status(three_nodes), "engine_core")][:2] == [["scheduler_trace"]] * 2
 
 
 # -- a patch that fails in one tensor-parallel rank only ----------------------------------
