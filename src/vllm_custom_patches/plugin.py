@@ -66,12 +66,16 @@ def register() -> None:
                 raise _state.error
             return
         if "vllm.envs" in sys.modules:  # inside vLLM: checked only there, so free elsewhere
-            from ._agent import install_responders
             from ._vllm_env import declare_to_vllm
 
             declare_to_vllm(os.environ)
-            # Even with nothing selected: the status endpoint must hear "nothing applied" from here.
-            install_responders()
+            # Even with nothing selected: the status endpoint must hear "nothing
+            # applied" from here.  Only where vLLM's engine-core or worker class
+            # is (vLLM calls this from their constructors); the API server skips it.
+            if "vllm.v1.engine.core" in sys.modules or "vllm.v1.worker.worker_base" in sys.modules:
+                from ._agent import install_responders
+
+                install_responders()
         if not os.environ.get(ENV_PATCHES, "").strip():
             _state.done = True
             if "logging" in sys.modules:  # always, inside vLLM; not worth importing otherwise
