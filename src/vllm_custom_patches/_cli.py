@@ -19,9 +19,9 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 from ._discovery import ENV_PATH, find_entry_points, load_path
 from ._errors import PatchError
@@ -130,33 +130,39 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from ._remote import RemoteError, fetch_status, print_status, status_exit_code
+    from ._remote import fetch_status, print_status, status_exit_code
 
-    try:
-        report = fetch_status(args.url, args.api_key, timeout=args.timeout)
-    except RemoteError as exc:
-        print(f"vllm-custom-patches: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print_status(report, sys.stdout)
-    return status_exit_code(report)
+    return _remote(args, lambda: fetch_status(args.url, args.api_key, timeout=args.timeout), print_status, status_exit_code)
 
 
 def _control(args: argparse.Namespace) -> int:
-    from ._remote import RemoteError, post_control, print_control
+    from ._remote import post_control, print_control
+
+    def ask() -> dict[str, Any]:
+        return post_control(args.url, args.command, args.name, args.token, args.reason, timeout=args.timeout)
+
+    return _remote(args, ask, print_control, lambda report: 0 if report["ok"] else 1)
+
+
+def _remote(
+    args: argparse.Namespace,
+    ask: Callable[[], dict[str, Any]],
+    show: Callable[[Mapping[str, Any], TextIO], None],
+    exit_code: Callable[[Mapping[str, Any]], int],
+) -> int:
+    """A command against a running server: 2 if it cannot answer, else its report, as JSON or for humans."""
+    from ._remote import RemoteError
 
     try:
-        report = post_control(args.url, args.command, args.name, args.token, args.reason, timeout=args.timeout)
+        report = ask()
     except RemoteError as exc:
         print(f"vllm-custom-patches: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print_control(report, sys.stdout)
-    return 0 if report["ok"] else 1
+        show(report, sys.stdout)
+    return exit_code(report)
 
 
 def _sources(import_modules: bool) -> tuple[dict[str, str], dict[str, type[VLLMPatch[Any]] | PatchError]]:

@@ -34,26 +34,37 @@ class RemoteError(Exception):
     """The server could not give its status; the message says why and what to do."""
 
 
-def fetch_status(url: str, api_key: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
-    """``GET {url}/custom_patches`` and return its JSON."""
-    if not url.startswith(("http://", "https://")):
-        raise RemoteError(f"--url {url!r} is not an http(s) URL; give the server's address, e.g. http://127.0.0.1:8000")
-    request = urllib.request.Request(url.rstrip("/") + ENDPOINT, headers={"Accept": "application/json"})
-    if api_key:
-        request.add_header("Authorization", f"Bearer {api_key}")
+def _exchange(url: str, request: urllib.request.Request, timeout: float) -> tuple[int, bytes]:
+    """Send ``request`` to the server at ``url``: (HTTP status, body), whatever the status."""
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            body = response.read()
+            return response.status, response.read()
     except urllib.error.HTTPError as exc:
-        if exc.code == 404:
-            raise RemoteError(f"{url} does not serve {ENDPOINT}: the endpoint is not enabled; {_ENABLE_HINT}") from None
-        if exc.code == 401:
-            hint = "pass the server's API key with --api-key" if not api_key else "the API key given was refused"
-            raise RemoteError(f"{url}{ENDPOINT} answered 401 Unauthorized: {hint}") from None
-        raise RemoteError(f"{url}{ENDPOINT} answered HTTP {exc.code}: {exc.read()[:500]!r}") from None
+        return exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise RemoteError(f"cannot reach {url}: {reason} (is the server running, and is this its address?)") from None
+
+
+def _check_url(url: str) -> None:
+    if not url.startswith(("http://", "https://")):
+        raise RemoteError(f"--url {url!r} is not an http(s) URL; give the server's address, e.g. http://127.0.0.1:8000")
+
+
+def fetch_status(url: str, api_key: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+    """``GET {url}/custom_patches`` and return its JSON."""
+    _check_url(url)
+    request = urllib.request.Request(url.rstrip("/") + ENDPOINT, headers={"Accept": "application/json"})
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    code, body = _exchange(url, request, timeout)
+    if code == 404:
+        raise RemoteError(f"{url} does not serve {ENDPOINT}: the endpoint is not enabled; {_ENABLE_HINT}")
+    if code == 401:
+        hint = "pass the server's API key with --api-key" if not api_key else "the API key given was refused"
+        raise RemoteError(f"{url}{ENDPOINT} answered 401 Unauthorized: {hint}")
+    if code != 200:
+        raise RemoteError(f"{url}{ENDPOINT} answered HTTP {code}: {body[:500]!r}")
     try:
         report = json.loads(body)
     except ValueError:
@@ -75,8 +86,7 @@ def post_control(
     """``POST {url}/custom_patches/{name}/{action}``; the report (``ok`` false: refused and undone everywhere)."""
     from urllib.parse import quote
 
-    if not url.startswith(("http://", "https://")):
-        raise RemoteError(f"--url {url!r} is not an http(s) URL; give the server's address, e.g. http://127.0.0.1:8000")
+    _check_url(url)
     if not token:
         raise RemoteError("no control token: pass --token or set VLLM_CUSTOM_PATCHES_CONTROL_TOKEN")
     endpoint = f"{url.rstrip('/')}{ENDPOINT}/{quote(name, safe='')}/{action}"
@@ -85,14 +95,7 @@ def post_control(
         endpoint, data=data, method="POST",
         headers={"Content-Type": "application/json", "Accept": "application/json", "Authorization": f"Bearer {token}"},
     )  # fmt: skip
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            body, code = response.read(), response.status
-    except urllib.error.HTTPError as exc:
-        body, code = exc.read(), exc.code
-    except (urllib.error.URLError, OSError) as exc:
-        reason_text = getattr(exc, "reason", exc)
-        raise RemoteError(f"cannot reach {url}: {reason_text} (is the server running, and is this its address?)") from None
+    code, body = _exchange(url, request, timeout)
     try:
         answer = json.loads(body)
     except ValueError:

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-__all__ = ["SourceTree", "StaticClass", "StaticMember", "load_tree", "wheel_cache_dir"]
+__all__ = ["SourceTree", "StaticClass", "StaticMember", "load_tree", "super_calls", "wheel_cache_dir"]
 
 # By the decorator's last name: ``@x.setter`` and friends rebind the name to a property.
 _KINDS = {"staticmethod": "staticmethod", "classmethod": "classmethod", "property": "property"}
@@ -108,7 +108,7 @@ def _segment(lines: list[str], node: ast.stmt) -> str:
     return chunk[0] + "".join(line[len(line[:indent]) - len(line[:indent].lstrip(" \t")) :] for line in chunk[1:])
 
 
-def _super_calls(node: ast.AST) -> frozenset[str]:
+def super_calls(node: ast.AST) -> frozenset[str]:
     """Names ``X`` in ``super().X`` or ``super(Cls, self).X``, not in nested classes (theirs are their own)."""
     nested = {id(sub) for cls in ast.walk(node) if isinstance(cls, ast.ClassDef) for sub in ast.walk(cls)}
     return frozenset(
@@ -130,7 +130,7 @@ def _members(lines: list[str], cls: ast.ClassDef) -> dict[str, StaticMember]:
                 kind = _KINDS.get(name.rpartition(".")[2], kind)
             source = _segment(lines, stmt)
             # The text test first: walking every method's tree is most of the cost of a big package.
-            calls = _super_calls(stmt) if "super" in source else frozenset()
+            calls = super_calls(stmt) if "super" in source else frozenset()
             members[stmt.name] = StaticMember(stmt.name, kind, stmt, source, calls)
         elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
             for name in _assigned(stmt):
