@@ -72,7 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get("VLLM_API_KEY") or None,
         help="the server's API key, if it has one (default: $VLLM_API_KEY)",
     )
-    status.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the answer (default 30)")
+    status.add_argument("--timeout", type=_seconds, default=30.0, help="seconds to wait for the answer (default 30)")
     controls = []
     for action, verb in (("rollback", "roll back"), ("apply", "apply")):
         control = commands.add_parser(
@@ -80,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             help=f"{verb} a patch in every process of a running vLLM server (its kill switch)",
             description=f"POST URL/custom_patches/NAME/{action}: {verb} NAME in every process of the server, "
             "or in none. Exit 0 when done, 1 when a process refused (everything was put back), 2 when the "
-            "request did not get that far.",
+            "request did not get that far, 3 when a process refused and some process could not be put back "
+            "(INCONSISTENT, named).",
         )
         control.add_argument("name", help="the patch")
         control.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
@@ -90,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             help="the server's VLLM_CUSTOM_PATCHES_CONTROL_TOKEN (default: that variable here)",
         )
         control.add_argument("--reason", default="", help="why, for the server's log")
-        control.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the answer (default 60)")
+        control.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for the answer (default 60)")
         controls.append(control)
     from ._doctor_cli import add_commands
 
@@ -129,6 +130,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if any(row.result == "failed" for row in rows) else 0
 
 
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return seconds
+
+
 def _status(args: argparse.Namespace) -> int:
     from ._remote import fetch_status, print_status, status_exit_code
 
@@ -136,12 +147,12 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _control(args: argparse.Namespace) -> int:
-    from ._remote import post_control, print_control
+    from ._remote import control_exit_code, post_control, print_control
 
     def ask() -> dict[str, Any]:
         return post_control(args.url, args.command, args.name, args.token, args.reason, timeout=args.timeout)
 
-    return _remote(args, ask, print_control, lambda report: 0 if report["ok"] else 1)
+    return _remote(args, ask, print_control, control_exit_code)
 
 
 def _remote(
@@ -155,14 +166,17 @@ def _remote(
 
     try:
         report = ask()
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            show(report, sys.stdout)
+        return exit_code(report)
     except RemoteError as exc:
         print(f"vllm-custom-patches: {exc}", file=sys.stderr)
         return 2
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        show(report, sys.stdout)
-    return exit_code(report)
+    except Exception as exc:  # noqa: BLE001 (a bug here must not read as exit 1, "the processes disagree")
+        print(f"vllm-custom-patches: internal error, please report it: {RemoteError(repr(exc))}", file=sys.stderr)
+        return 2
 
 
 def _sources(import_modules: bool) -> tuple[dict[str, str], dict[str, type[VLLMPatch[Any]] | PatchError]]:
