@@ -162,7 +162,7 @@ class _RawServer:
         conn, _ = self.sock.accept()
         with conn:
             conn.settimeout(HANG_GUARD_S)
-            while b"\r\n\r\n" not in self.received:
+            while not self._complete():
                 chunk = conn.recv(65536)
                 if not chunk:
                     break
@@ -172,6 +172,12 @@ class _RawServer:
                 self.release.wait(HANG_GUARD_S)  # hold the connection open, silent, until the test is done
             else:
                 conn.sendall(self.reply)
+
+    def _complete(self) -> bool:
+        # The whole request, body included: closing with unread bytes would be a reset, not a close.
+        head, found, body = self.received.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+        return bool(found) and len(body) >= length
 
     def close(self) -> None:
         self.release.set()
@@ -207,7 +213,7 @@ def test_a_peer_that_does_not_answer_http(
     server = raw_server(reply)
     assert cli_main(_argv(command, server.url, "--timeout", "30")) == 2
     err = _one_clear_line(capsys.readouterr().err)
-    assert what in err
+    assert what in err and server.got_request.wait(HANG_GUARD_S)
     if command != "status":
         # The POST went out: whether the change was made is unknown, and the line says how to find out.
         assert server.received.startswith(f"POST /custom_patches/fair_share/{command} ".encode())
@@ -223,7 +229,7 @@ def test_a_server_that_takes_the_request_and_never_answers(
     server = raw_server(None)
     assert cli_main(_argv(command, server.url, "--timeout", "0.5")) == 2
     err = _one_clear_line(capsys.readouterr().err)
-    assert server.got_request.is_set()
+    assert server.got_request.wait(HANG_GUARD_S)  # the request did reach the server
     assert "no answer within 0.5 s" in err and "cannot reach" not in err
     if command == "status":
         assert "raise --timeout" in err
@@ -301,14 +307,16 @@ def _process(role: str, applied: list[str], **extra: Any) -> dict[str, Any]:
 
 
 def _status_report() -> dict[str, Any]:
-    """A real report with every part the printer reads: an inconsistency and an error."""
-    return analyse(
+    """A real report with every part the printer reads: an inconsistency, an error, a change not undone."""
+    report = analyse(
         [
             _process("engine_core", ["trace"], dp_rank=0),
             _process("engine_core", [], dp_rank=1),
             {**_process("worker", [], dp_rank=1), "error": "did not answer in time"},
         ]
     )
+    left = {"action": "rollback", "patch": "trace", "op_id": "abc", "processes": ["engine_core dp_rank=1 pid=100"]}
+    return {**report, "unsettled": [left]}
 
 
 def _control_report(ok: bool) -> dict[str, Any]:

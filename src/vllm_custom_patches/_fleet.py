@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ._agent import STATUS_METHOD, WORKER_TIMEOUT_S, process_record, unreachable_record
 
-__all__ = ["ENGINE_TIMEOUT_S", "analyse", "call_engine_cores", "collect", "describe_process", "engine_failure"]
+__all__ = [
+    "ENGINE_TIMEOUT_S", "MAX_AGE_S", "SharedCollection", "analyse", "call_engine_cores", "collect", "describe_process",
+    "engine_failure",
+]  # fmt: skip
 
 ENGINE_TIMEOUT_S = WORKER_TIMEOUT_S + 3.0
 """How long the API server waits for one engine core (which itself waits for its workers)."""
@@ -35,6 +38,90 @@ async def collect(engine_client: Any, timeout: float = ENGINE_TIMEOUT_S) -> dict
     report = analyse(processes)
     report["collected_in_s"] = round(time.monotonic() - started, 4)
     return report
+
+
+MAX_AGE_S = 1.0
+"""How long one collected view answers the status route before a request collects again."""
+
+
+class SharedCollection:
+    """The status route's view of the server: one collection at a time, shared, reused for :data:`MAX_AGE_S`.
+
+    A collection makes one utility call per engine core (run on the engine
+    loop, between two scheduler steps) and, in each, one ``collective_rpc`` to
+    its workers.  Made per request, N anonymous GETs would be N of each: so
+    concurrent requests await the collection in flight, a request finding a
+    view younger than ``max_age_s`` gets it (with its ``age_s``), and a
+    collection never starts while another runs.  A failed collection is not
+    kept: the next request tries again.  :meth:`refresh`, after a change,
+    drops the view and returns one collected after the call.
+    """
+
+    def __init__(
+        self,
+        collect: Callable[[], Awaitable[dict[str, Any]]],
+        *,
+        max_age_s: float = MAX_AGE_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._collect = collect
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._generation = 0
+        """Bumped by refresh(): a collection started before it is not given to later requests."""
+        self._task: asyncio.Task[tuple[dict[str, Any], float]] | None = None
+        self._task_generation = -1
+        self._latest: tuple[dict[str, Any], float] | None = None
+        """The last view of the current generation, and when (on ``clock``) it was collected."""
+        self.waiting = 0
+        """How many callers await the collection in flight (for tests and debugging)."""
+
+    async def get(self) -> dict[str, Any]:
+        """A view no older than ``max_age_s``: the last one, or the one in flight, or a new one."""
+        if self._latest is not None:
+            report, collected_at = self._latest
+            age = self._clock() - collected_at
+            if 0 <= age < self._max_age_s:
+                return {**report, "age_s": round(age, 3)}
+        return await self._join()
+
+    async def refresh(self) -> dict[str, Any]:
+        """A view collected after this call (after a change: the new state, at once)."""
+        self._generation += 1
+        self._latest = None
+        return await self._join()
+
+    async def _join(self) -> dict[str, Any]:
+        task = self._task
+        if task is None or task.done() or self._task_generation != self._generation:
+            previous = task if task is not None and not task.done() else None
+            task = asyncio.get_running_loop().create_task(self._run(previous, self._generation))
+            task.add_done_callback(_retrieve)
+            self._task, self._task_generation = task, self._generation
+        self.waiting += 1
+        try:
+            # Shielded: a client that goes away must not cancel the others' collection.
+            report, collected_at = await asyncio.shield(task)
+        finally:
+            self.waiting -= 1
+        return {**report, "age_s": round(max(0.0, self._clock() - collected_at), 3)}
+
+    async def _run(
+        self, previous: asyncio.Task[tuple[dict[str, Any], float]] | None, generation: int
+    ) -> tuple[dict[str, Any], float]:
+        if previous is not None:
+            await asyncio.wait([previous])  # one at a time; its outcome is its own awaiters'
+        report = await self._collect()
+        collected_at = self._clock()
+        if generation == self._generation:
+            self._latest = (report, collected_at)
+        return report, collected_at
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    # Every awaiter may have gone; the exception is theirs, not the event loop's to log.
+    if not task.cancelled():
+        task.exception()
 
 
 async def _engine_processes(engine_client: Any, timeout: float) -> list[dict[str, Any]]:

@@ -9,6 +9,12 @@ by the server's processes and undone everywhere (each process's reason); 2
 the request did not get that far (unreachable, control disabled, wrong token,
 unknown patch, bad request); 3 INCONSISTENT: refused, and some process could
 not be put back (named), so the patch is in effect in some processes only.
+
+Anything the client cannot read (a malformed URL, a peer that is not HTTP, a
+time-out, an answer of the wrong shape) is exit 2 with one line, never 1; a
+change sent without a readable answer is of unknown outcome (the line says to
+run ``status``).  Redirects are refused, never followed: the request carries
+the API key or the control token, which must go only to the address given.
 """
 
 from __future__ import annotations
@@ -173,6 +179,7 @@ _STATUS_SHAPE: dict[str, Any] = {
         {"patch": str, "role": object, "applied_in": object, "missing_in": [{"description": object, "why": object}]}
     ],
     "?errors": [{"description": object, "error": object}],
+    "?unsettled": [{"action": object, "patch": object, "op_id": object, "processes": [str]}],
 }
 _CONTROL_SHAPE: dict[str, Any] = {
     "ok": bool,

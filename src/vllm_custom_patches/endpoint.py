@@ -8,14 +8,18 @@ The route answers JSON with one entry per live process of the server: this
 API server, every engine core of every data-parallel rank (on every node) and
 every worker of every rank (see ``_fleet`` and ``_agent``), plus
 ``consistent``: false when a patch is applied in some processes of a role and
-not in others, or a process could not answer.  It only reads.  When the
+not in others, or a process could not answer.  It only reads, and costs the
+engines the same however often it is asked: concurrent requests share one
+collection, and a view up to about a second old (its ``age_s``) answers the
+next ones (``_fleet.SharedCollection``); a kill-switch change collects afresh
+at once.  When the
 server has an API key (``--api-key`` or ``VLLM_API_KEY``) the route requires
 it as ``Authorization: Bearer <key>``, like vLLM's ``/v1`` routes (vLLM's own
 middleware guards only those).
 
 The same facts go to vLLM's ``/metrics`` as ``vllm_custom_patches_applied``
-(see ``_metrics``), refreshed every :data:`REFRESH_S` seconds and on each
-request of the route.
+(see ``_metrics``), refreshed every :data:`REFRESH_S` seconds and with each
+collection the route makes.
 
 The kill switch, ``POST /custom_patches/{name}/rollback`` and
 ``POST /custom_patches/{name}/apply``, changes a patch in every process of the
@@ -34,10 +38,13 @@ import asyncio
 import hashlib
 import hmac
 import os
+import time
 from argparse import Namespace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from fastapi import FastAPI
     from starlette.datastructures import State
 
@@ -56,8 +63,11 @@ class CustomPatchesEndpoint:
     name = "custom_patches"
     required_tasks = None  # every server, generate or pooling; a render server has no engine
 
-    def __init__(self) -> None:
+    def __init__(self, clock: "Callable[[], float]" = time.monotonic) -> None:
+        from ._fleet import SharedCollection
+
         self._engine_client: Any = None
+        self._status = SharedCollection(self._collect, clock=clock)
         self._api_key_hashes: list[bytes] = []
         self._refresher: "asyncio.Task[None] | None" = None
         self._control_token_hash: "bytes | None" = None
@@ -73,7 +83,7 @@ class CustomPatchesEndpoint:
         async def custom_patches_status(request: Request) -> JSONResponse:
             if not self._authorized(request.headers.get("Authorization")):
                 return JSONResponse({"error": "Unauthorized"}, status_code=401)
-            return JSONResponse(await self._collect())
+            return JSONResponse(await self._status.get())
 
         self._control_token_hash = _control_token_hash()
         if self._control_token_hash is not None:
@@ -137,7 +147,7 @@ class CustomPatchesEndpoint:
             report = await change(self._engine_client, action, name, requester)
             logger.warning("vllm-custom-patches control: %s", summary(report))
             try:
-                await self._collect()  # the status route and the metric show the new state at once
+                await self._status.refresh()  # the status route and the metric show the new state at once
             except Exception:
                 logger.warning("vllm-custom-patches: refreshing the status after a change failed", exc_info=True)
         return (200 if report["ok"] else 409), report
@@ -155,7 +165,7 @@ class CustomPatchesEndpoint:
 
         while True:
             try:
-                await self._collect()
+                await self._status.get()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the metric goes stale; the server must not notice
