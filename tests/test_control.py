@@ -16,9 +16,18 @@ import pytest
 
 from vllm_custom_patches import PatchManager, VLLMPatch
 from vllm_custom_patches._agent import CONTROL_METHOD, unreachable_record
+from vllm_custom_patches._auth import sign
 from vllm_custom_patches._control import perform, undo
 from vllm_custom_patches._switch import change
 from vllm_custom_patches.testing import isolated_registry, snapshot_namespace
+
+TOKEN = "unit-test-control-token-0123"
+
+
+@pytest.fixture(autouse=True)
+def _control_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every process of a server has the token: here, this one (the switch signs each step with it).
+    monkeypatch.setenv("VLLM_CUSTOM_PATCHES_CONTROL_TOKEN", TOKEN)
 
 
 class Target:
@@ -48,7 +57,7 @@ def test_rollback_then_undo_restores_the_patch_and_a_second_undo_does_nothing(pa
     before = snapshot_namespace(Target)
     PatchManager.apply(patch)
     result = perform("rollback", "switchable", "op1", "test")
-    assert result == {"ok": True, "changed": True, "relevant": True, "state": "available", "error": None}
+    assert result == {"ok": True, "changed": True, "relevant": True, "state": "available", "error": None, "waiting": False}
     assert Target().run() == "original"
     before.assert_unchanged()  # exactly as before the patch
     undone = undo("op1", "test")
@@ -137,7 +146,7 @@ class _EngineClient:
 
 
 def _engine(dp_rank: int, ok: bool) -> Any:
-    def answer(action: str, name: str, op_id: str, who: str) -> list[dict[str, Any]]:
+    def answer(action: str, *signed: str) -> list[dict[str, Any]]:
         record = {**unreachable_record("engine_core", "", dp_rank=dp_rank), "pid": 1000 + dp_rank, "error": None}
         refused = ok is False and action != "undo"
         return [{**record, "ok": not refused, "changed": not refused and action != "undo", "relevant": True,
@@ -172,7 +181,9 @@ def test_an_engine_core_that_does_not_answer_fails_the_change_and_it_is_undone(p
     assert report["ok"] is False and _state("switchable") == "applied"
     silent = report["processes"][1]
     assert (silent["role"], silent["dp_rank"], silent["ok"], silent["error"]) == ("engine_core", 0, False, "did not answer in time")
-    assert report["undo_failed"] == [("engine_core", None, None, 0, None)]  # it could not be asked to undo either
+    # It could not be asked to undo either: whether it rolled back is unknown, which is not "undone everywhere".
+    assert report["outcome"] == "inconsistent"
+    assert [(p["description"], p["error"]) for p in report["undo_failed"]] == [("engine_core dp_rank=0", "did not answer in time")]
     PatchManager.rollback("switchable")
 
 
@@ -264,9 +275,10 @@ def test_an_engine_core_reports_itself_with_its_data_parallel_rank_and_forwards_
     assert core.model_executor.calls == [(STATUS_METHOD, WORKER_TIMEOUT_S, ())]
 
     PatchManager.apply(patch)
-    records = _engine_core_control(core, "rollback", "switchable", "op9", "test")
+    signed = sign("rollback", "switchable", "op9", "test")
+    records = _engine_core_control(core, *signed)
     assert records[0]["role"] == "engine_core" and records[0]["changed"] and records[0]["dp_rank"] == 1
-    assert core.model_executor.calls[-1] == (CONTROL_METHOD, WORKER_TIMEOUT_S, ("rollback", "switchable", "op9", "test"))
+    assert core.model_executor.calls[-1] == (CONTROL_METHOD, WORKER_TIMEOUT_S, signed)
     assert undo("op9", "test")["undone"]
     PatchManager.rollback("switchable")
 
@@ -278,7 +290,7 @@ def test_workers_that_do_not_answer_are_reported_per_rank_not_raised(patch: Any)
     workers = _engine_core_status(core)["workers"]
     assert [(w["role"], w["dp_rank"], w["tp_rank"]) for w in workers] == [("worker", 1, 0), ("worker", 1, 1)]
     assert all("its workers did not answer: TimeoutError" in w["error"] for w in workers)
-    records = _engine_core_control(core, "apply", "switchable", "op10", "test")
+    records = _engine_core_control(core, *sign("apply", "switchable", "op10", "test"))
     assert [r["ok"] for r in records] == [True, False, False]  # the engine core changed; its workers count as failed
     assert undo("op10", "test")["undone"]  # what the API server then asks for
     assert _state("switchable") == "available"

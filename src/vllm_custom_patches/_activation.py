@@ -18,7 +18,6 @@ whatever happens, no target is left half-patched.
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import sys
@@ -37,6 +36,7 @@ from ._errors import (
     UnknownPatchError,
 )
 from ._evidence import write_evidence
+from ._forksafe import ForkSafeRLock
 from ._hooks import module_findable, when_imported
 from ._log import logger, route_to_vllm_handler
 from ._manager import PatchManager, PatchState, unknown_name_message
@@ -45,7 +45,7 @@ from ._selection import ENV_PATCHES, ENV_STRICT, Selection, parse_selection, par
 from ._targets import module_of, resolve_target
 from ._versions import check_gate
 
-__all__ = ["Epoch", "Report", "activate"]
+__all__ = ["Epoch", "Report", "activate", "switch_waiting"]
 
 PREFIX = "vllm-custom-patches [pid %d]"
 
@@ -187,7 +187,7 @@ class _Activation:
     # -- applying -------------------------------------------------------------
 
     def apply(self, candidates: list[_Candidate]) -> None:
-        waiting: dict[str, list[_Candidate]] = {}
+        waiting: list[_Waiting] = []
         for candidate in candidates:
             name, patch = candidate.name, candidate.patch
             spec = patch._vcp_spec
@@ -221,9 +221,8 @@ class _Activation:
                     continue
                 # Never import the target here: vLLM imports it when (and in
                 # the process where) it is used.
-                PatchManager._set_outcome(name, PatchState.PENDING, f"waiting for import of {module}")
                 self.report.pending.append((name, module))
-                waiting.setdefault(module, []).append(candidate)
+                waiting.append(_Waiting(candidate, self.strict, self.value, self.epoch, module))
                 continue
             try:
                 PatchManager.apply(patch)
@@ -231,8 +230,8 @@ class _Activation:
                 self._problem(candidate, exc)
             else:
                 self.report.applied.append(name)
-        for module, group in waiting.items():
-            when_imported(module, functools.partial(_on_import, group, self.strict, self.value, self.epoch))
+        for entry in waiting:
+            _arm(entry)
 
     def _problem(self, candidate: _Candidate, exc: PatchError) -> None:
         if candidate.explicit:
@@ -243,16 +242,113 @@ class _Activation:
             self.report.skipped.append((candidate.name, str(exc)))
 
 
-def _on_import(group: list[_Candidate], strict: bool, value: str, epoch: Epoch, module: ModuleType) -> None:
-    """The post-import hook: apply the patches that waited for ``module``."""
-    if not epoch.active:
-        return
+# -- patches waiting for their target's module -------------------------------------------
+
+
+@dataclass
+class _Waiting:
+    """A patch armed to apply when ``module`` is imported, with the policy it was selected under."""
+
+    candidate: _Candidate
+    strict: bool
+    value: str
+    epoch: Epoch
+    module: str
+
+
+# Armed patches by name, in the order they were armed.  Re-entrant: the hook
+# applies under it, and applying may import (and so fire other hooks).  The
+# hook holds it from taking its patches to applying them, so the kill switch
+# (switch_waiting) sees a patch either still waiting or applied, never between.
+_waiting_lock = ForkSafeRLock()  # a forked child must not find it held by a thread it lacks
+_waiting: dict[str, _Waiting] = {}
+# Disarmed by the kill switch before their module was imported: re-armed as they were.
+_disarmed: dict[str, _Waiting] = {}
+# Modules our hook is registered for and has not fired on yet (wrapt forgets a hook once it fired).
+_hooked: set[str] = set()
+
+
+def _arm(entry: _Waiting) -> None:
+    name = entry.candidate.name
+    with _waiting_lock:
+        _waiting[name] = entry
+        _disarmed.pop(name, None)
+        PatchManager._set_outcome(name, PatchState.PENDING, f"waiting for import of {entry.module}")
+        if entry.module not in _hooked:
+            _hooked.add(entry.module)
+            when_imported(entry.module, _on_import)
+
+
+def switch_waiting(action: str, patch: type[VLLMPatch[Any]]) -> str:
+    """The kill switch's step for a patch that waits for its target's module to be imported here.
+
+    ``rollback`` disarms a waiting patch (the import then leaves it alone) and
+    ``apply`` arms one (as if it had been selected at start-up), where that
+    module is not imported yet.  Returns ``"changed"``, ``"unchanged"`` (it
+    already waits), ``"irrelevant"`` (its module cannot be imported here) or
+    ``"live"``: it does not wait, change it on its imported target.
+    """
+    name = patch._vcp_spec.name
+    module = module_of(patch._vcp_spec.target)
+    with _waiting_lock:
+        entry = _waiting.get(name)
+        if entry is not None and not entry.epoch.active:
+            del _waiting[name]
+            entry = None
+        if action == "rollback":
+            if entry is None:
+                return "live"
+            del _waiting[name]
+            _disarmed[name] = entry
+            with PatchManager._registry.lock:
+                PatchManager._registry.outcomes.pop(name, None)
+            return "changed"
+        if entry is not None:
+            return "unchanged"
+        if module in sys.modules:
+            return "live"
+        if not module_findable(module):
+            return "irrelevant"
+        previous = _disarmed.get(name)
+        if previous is not None and previous.epoch.active and previous.candidate.patch is patch:
+            _arm(previous)
+        else:
+            # Applied by the kill switch, not selected: a failure at import is
+            # logged and the patch skipped, as for a patch taken in by '*'.
+            selection = os.environ.get(ENV_PATCHES, "")
+            _arm(_Waiting(_Candidate(name, False, patch), False, selection, Epoch(), module))
+        return "changed"
+
+
+def _forget_waiting() -> None:
+    """For tests (``plugin._reset_for_tests``): no patch waits any more; registered hooks find nothing."""
+    with _waiting_lock:
+        _waiting.clear()
+        _disarmed.clear()
+
+
+def _on_import(module: ModuleType) -> None:
+    """The post-import hook: apply the patches that wait for ``module``."""
+    with _waiting_lock:
+        _hooked.discard(module.__name__)
+        group = [entry for entry in _waiting.values() if entry.module == module.__name__]
+        for entry in group:
+            del _waiting[entry.candidate.name]
+        group = [entry for entry in group if entry.epoch.active]
+        if group:
+            _apply_waiting(group, module)
+
+
+def _apply_waiting(group: list[_Waiting], module: ModuleType) -> None:
     pid = os.getpid()
     failed: list[tuple[str, PatchError]] = []
     applied: list[_Candidate] = []
-    for candidate in group:
+    # One activation per process arms the explicit patches, so they share its policy.
+    strict = any(entry.strict for entry in group if entry.candidate.explicit)
+    value = next((entry.value for entry in group if entry.candidate.explicit), "")
+    for candidate in (entry.candidate for entry in group):
         try:
-            applied_now = PatchManager.apply(candidate.patch)
+            applied_now = PatchManager._apply_on_import(candidate.patch)
         except PatchError as exc:
             state = PatchState.FAILED if candidate.explicit else PatchState.SKIPPED
             PatchManager._set_outcome(candidate.name, state, str(exc))

@@ -14,13 +14,17 @@ kill switch, ``vllm_custom_patches_control``, see ``_control``):
 * ``WorkerWrapperBase.vllm_custom_patches_status``: the worker-side RPC method
   (one answer per tensor/pipeline-parallel rank).
 
-The status methods only read (``PatchManager.status()``); the control methods
-change patches only when the API server's authenticated control route asks
-(they are unreachable from outside: utility calls and RPCs come only from
-vLLM's own engine client).  vLLM's docs name this pairing of an
-endpoint plugin with a general plugin that installs the engine-side method.
-The methods are plain additions outside :class:`PatchManager` (they are not
-patches a user selects) and are installed whenever the plugin runs in a vLLM
+The status methods only read (``PatchManager.status()``).  The control
+methods exist only where the kill switch is enabled (a usable
+``VLLM_CUSTOM_PATCHES_CONTROL_TOKEN`` in the process's environment), and they
+change patches only for a call signed by the API server's authenticated
+control route (``_auth``): vLLM's development mode (``VLLM_SERVER_DEV_MODE=1``)
+lets any HTTP client call a worker's methods by name (``POST
+/collective_rpc``), so being reachable only through vLLM's engine client is
+not a guarantee.  vLLM's docs name this pairing of an endpoint plugin with a
+general plugin that installs the engine-side method.  The methods are plain
+additions outside :class:`PatchManager` (they are not patches a user
+selects); the status methods are installed whenever the plugin runs in a vLLM
 process, patches selected or not: a process with nothing selected must still
 answer "nothing applied", or a node started without ``VLLM_CUSTOM_PATCHES``
 would go unnoticed.
@@ -68,14 +72,16 @@ def process_record(
 
 
 def control_record(
-    action: str, name: str, op_id: str, who: str, role: str, *,
+    signed: tuple[Any, ...], role: str, *,
     dp_rank: int | None = None, tp_rank: int | None = None, pp_rank: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Do this process's part of a live change (``_control``); who it is and how it went."""
-    from ._control import perform, undo
+    """Do this process's part of a live change (``_control``), if ``signed`` is authentic; who it is and how it went."""
+    from ._control import execute
 
-    outcome = undo(op_id, who) if action == "undo" else perform(action, name, op_id, who)
-    return {**_identity(role, dp_rank, tp_rank, pp_rank), **outcome}
+    # Each part of a process runs an operation once: an engine core and its
+    # worker may share one (vLLM's single-process executor).
+    scope = f"{role} dp={dp_rank} tp={tp_rank} pp={pp_rank}"
+    return {**_identity(role, dp_rank, tp_rank, pp_rank), **execute(signed, scope)}
 
 
 def _identity(role: str, dp_rank: int | None, tp_rank: int | None, pp_rank: int | None) -> dict[str, Any]:
@@ -90,7 +96,9 @@ def _identity(role: str, dp_rank: int | None, tp_rank: int | None, pp_rank: int 
     }
 
 
-def unreachable_record(role: str, error: str, *, dp_rank: int | None = None, tp_rank: int | None = None) -> dict[str, Any]:
+def unreachable_record(
+    role: str, error: str, *, dp_rank: int | None = None, tp_rank: int | None = None, pp_rank: int | None = None
+) -> dict[str, Any]:
     """A process that could not answer: ranks as far as they are known, nothing applied, why."""
     return {
         "role": role,
@@ -99,7 +107,7 @@ def unreachable_record(role: str, error: str, *, dp_rank: int | None = None, tp_
         "process": None,
         "dp_rank": dp_rank,
         "tp_rank": tp_rank,
-        "pp_rank": None,
+        "pp_rank": pp_rank,
         "selection": None,
         "applied": [],
         "patches": [],
@@ -116,35 +124,46 @@ def _engine_core_status(engine_core: Any) -> dict[str, Any]:
         workers = list(engine_core.model_executor.collective_rpc(STATUS_METHOD, timeout=WORKER_TIMEOUT_S))
     except Exception as exc:  # report, never fail the engine for a status question
         error = f"its workers did not answer: {type(exc).__name__}: {exc}"
-        workers = [
-            unreachable_record(_ROLE_WORKER, error, dp_rank=dp_rank, tp_rank=rank % parallel.tensor_parallel_size)
-            for rank in range(parallel.tensor_parallel_size * parallel.pipeline_parallel_size)
-        ]
+        workers = [unreachable_record(_ROLE_WORKER, error, **ranks) for ranks in _worker_ranks_of(parallel, dp_rank)]
     return {"engine_core": record, "workers": workers}
 
 
-def _engine_core_control(engine_core: Any, action: str, name: str, op_id: str, who: str) -> list[dict[str, Any]]:
-    """Utility method of vLLM's EngineCore: the change here (between two steps), then in its workers."""
+def _worker_ranks_of(parallel: Any, dp_rank: int | None) -> list[dict[str, int | None]]:
+    # vLLM numbers an engine's workers tensor-parallel rank first.
+    tp_size = parallel.tensor_parallel_size
+    return [
+        {"dp_rank": dp_rank, "tp_rank": rank % tp_size, "pp_rank": rank // tp_size}
+        for rank in range(tp_size * parallel.pipeline_parallel_size)
+    ]
+
+
+def _engine_core_control(engine_core: Any, *signed: Any) -> list[dict[str, Any]]:
+    """Utility method of vLLM's EngineCore: the change here (between two steps), then in its workers.
+
+    ``signed`` is what ``_auth.sign`` made in the API server; a call that is
+    not authentic is refused here and goes no further.
+    """
     parallel = engine_core.vllm_config.parallel_config
     dp_rank = _dp_rank(parallel)
-    records = [control_record(action, name, op_id, who, _ROLE_ENGINE_CORE, dp_rank=dp_rank)]
+    record = control_record(signed, _ROLE_ENGINE_CORE, dp_rank=dp_rank)
+    if record.get("refused"):
+        return [record]
+    records = [record]
     try:
-        records += engine_core.model_executor.collective_rpc(
-            CONTROL_METHOD, timeout=WORKER_TIMEOUT_S, args=(action, name, op_id, who)
-        )
+        records += engine_core.model_executor.collective_rpc(CONTROL_METHOD, timeout=WORKER_TIMEOUT_S, args=signed)
     except Exception as exc:  # reported: the API server then undoes the operation everywhere
         error = f"its workers did not answer: {type(exc).__name__}: {exc}"
         records += [
-            {**unreachable_record(_ROLE_WORKER, error, dp_rank=dp_rank, tp_rank=rank % parallel.tensor_parallel_size),
-             "ok": False, "changed": False, "relevant": True, "state": "unknown"}
-            for rank in range(parallel.tensor_parallel_size * parallel.pipeline_parallel_size)
+            {**unreachable_record(_ROLE_WORKER, error, **ranks), "ok": False, "changed": False, "relevant": True,
+             "state": "unknown"}
+            for ranks in _worker_ranks_of(parallel, dp_rank)
         ]  # fmt: skip
     return records
 
 
-def _worker_control(wrapper: Any, action: str, name: str, op_id: str, who: str) -> dict[str, Any]:
-    """RPC method of vLLM's WorkerWrapperBase: the change in this worker, between two model steps."""
-    return control_record(action, name, op_id, who, _ROLE_WORKER, **_worker_ranks(wrapper))
+def _worker_control(wrapper: Any, *signed: Any) -> dict[str, Any]:
+    """RPC method of vLLM's WorkerWrapperBase: the change in this worker, between two model steps, if authentic."""
+    return control_record(signed, _ROLE_WORKER, **_worker_ranks(wrapper))
 
 
 def _worker_status(wrapper: Any) -> dict[str, Any]:
@@ -187,19 +206,27 @@ _RESPONDERS: tuple[tuple[str, str, str, Callable[..., Any]], ...] = (
 
 
 def install_responders() -> None:
-    """Give vLLM's engine core and worker wrapper classes their status method, where imported.
+    """Give vLLM's engine core and worker wrapper classes their status method, where imported,
+    and their control method where the kill switch is enabled.
 
     Called from the plugin's ``register()``, which vLLM calls from
     ``EngineCore.__init__`` and ``WorkerWrapperBase.init_worker``: the class
     that matters in a process is always imported by then.  Idempotent; a
     member of that name which is not ours is left alone (and logged).
     """
+    from ._auth import control_token
+
+    enabled = control_token() is not None
     for module_name, class_name, method, responder in _RESPONDERS:
         module = sys.modules.get(module_name)
         cls = getattr(module, class_name, None) if module is not None else None
         if not isinstance(cls, type):
             continue
         present = cls.__dict__.get(method)
+        if method == CONTROL_METHOD and not enabled:
+            if present is responder:  # the token is gone (tests): so is the way in
+                delattr(cls, method)
+            continue
         if present is responder:
             continue
         if present is not None:

@@ -10,7 +10,8 @@
 ``--json`` gives machine-readable output.  ``check`` exits 1 if any checked
 patch would fail, which makes it usable as a container health gate before
 ``vllm serve``; ``status`` exits 1 if the server's processes disagree and 2
-if it cannot tell (see ``_remote``).
+if it cannot tell; ``rollback``/``apply`` exit 3 when a refused change could
+not be undone in every process (see ``_remote``).
 """
 
 from __future__ import annotations

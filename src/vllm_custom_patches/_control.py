@@ -1,42 +1,75 @@
 """One process's part of a live change: roll a patch back or apply it here, and undo that on request.
 
 The kill switch (``POST /custom_patches/{name}/rollback`` and ``.../apply``,
-see ``endpoint``) runs :func:`perform` in every process of the server: the
+see ``endpoint``) runs :func:`execute` in every process of the server: the
 API server itself, every engine core (as a vLLM utility call, on the engine
 loop's thread between two scheduler steps) and every worker (as an RPC,
-between two model steps); see ``_agent``.  Each call carries an operation id.
-If any process fails, the API server asks every process to :func:`undo` that
-operation: a process reverts only what that operation changed there, so an
-undo that reaches a process twice, or one where nothing changed, does nothing.
+between two model steps); see ``_agent``.  Each call carries an operation id
+and the API server's signature (``_auth``): a call that does not, such as one
+sent through vLLM's development route ``POST /collective_rpc``, is refused
+and changes nothing.  If any process fails, the API server asks every process
+to undo that operation: a process reverts only what that operation changed
+there, so an undo that reaches a process twice, or one where nothing
+changed, does nothing.
+
+Where the patch's target is not imported yet (its module is imported lazily,
+or never in this kind of process), the change is made to what the import
+will do: a rollback disarms the waiting patch and an apply arms it (see
+``_activation.switch_waiting``); that counts as a change, and is undone like
+one.
 
 Never raises: every outcome is a result record (``ok``, ``changed``,
-``relevant``, ``state``, ``error``), because one failing process must not
-hide the others' results.
+``relevant``, ``state``, ``error``; ``waiting`` where the patch waits for its
+target's import), because one failing process must not hide the others'
+results.
 """
 
 from __future__ import annotations
 
 import os
-import sys
-import threading
 from typing import Any
 
+from ._auth import Replays, verify
 from ._errors import PatchError
+from ._forksafe import ForkSafeLock
 from ._log import logger
 
-__all__ = ["ACTIONS", "perform", "undo"]
+__all__ = ["ACTIONS", "execute", "perform", "undo"]
 
 ACTIONS = ("rollback", "apply")
 _INVERSE = {"rollback": "apply", "apply": "rollback"}
 
-_lock = threading.Lock()
+_lock = ForkSafeLock()  # a forked child must not find it held by a thread it lacks
 # op id -> (action, patch) for the operations that changed something here.
 _changed: dict[str, tuple[str, str]] = {}
 _MAX_REMEMBERED = 256
+_replays = Replays()
+
+
+def execute(args: tuple[Any, ...], scope: str) -> dict[str, Any]:
+    """Run one signed step (``_auth.sign``: an action, ``undo`` included) if it is authentic; a result record.
+
+    ``scope`` names the part of the process that runs it (role and ranks):
+    each runs an operation once.
+    """
+    problem = verify(args, scope, _replays)
+    if problem is not None:
+        shown = ascii(tuple(args[:4]))[:300]  # whoever sent it chose these strings: escaped, bounded
+        logger.warning(
+            "vllm-custom-patches [pid %d]: kill-switch call refused, nothing changed: %s; arguments %s",
+            os.getpid(), problem, shown,
+        )  # fmt: skip
+        name = args[1] if len(args) > 1 and isinstance(args[1], str) else ""
+        return {**_result(name, ok=False, error=f"refused: {problem}"), "refused": True}
+    action, name, op_id, who = (str(arg) for arg in args[:4])
+    return undo(op_id, who) if action == "undo" else perform(action, name, op_id, who)
 
 
 def perform(action: str, name: str, op_id: str, who: str) -> dict[str, Any]:
-    """Apply or roll back patch ``name`` in this process, where it is relevant; a result record."""
+    """Apply or roll back patch ``name`` in this process, where it is relevant; a result record.
+
+    Not authenticated: the caller has checked the operation (see :func:`execute`).
+    """
     if action not in ACTIONS:
         return _result(name, ok=False, error=f"unknown action {action!r}; expected one of {', '.join(ACTIONS)}")
     with _lock:
@@ -46,33 +79,33 @@ def perform(action: str, name: str, op_id: str, who: str) -> dict[str, Any]:
             return _result(name, ok=False, error=str(exc))
         if patch_cls is None:  # rollback of a patch this process never loaded: nothing to do here
             return _result(name, ok=True, relevant=False)
-        if not _target_imported(patch_cls):
-            # vLLM's API server never imports the scheduler, a worker never
-            # needs an engine-core class: a patch is changed only where its
-            # target lives (importing it here would apply it where it has no
-            # business).
-            return _result(name, ok=True, relevant=False)
         try:
-            changed = _do(action, patch_cls)
+            changed, waiting = _do(action, patch_cls)
         except Exception as exc:  # a PatchError, or a target's code failing: reported, never raised
             logger.warning(
                 "vllm-custom-patches [pid %d]: %s of patch %r refused (control op %s, requested by %s): %s",
                 os.getpid(), action, name, op_id, who, exc,
             )  # fmt: skip
             return _result(name, ok=False, error=f"{type(exc).__name__}: {exc}")
+        if changed is None:
+            # vLLM's API server never imports the scheduler, a worker never
+            # needs an engine-core class: a patch is changed only where its
+            # target lives (importing it here would apply it where it has no
+            # business).
+            return _result(name, ok=True, relevant=False)
         if changed:
             _changed[op_id] = (action, name)
             while len(_changed) > _MAX_REMEMBERED:
                 del _changed[next(iter(_changed))]
             logger.warning(
-                "vllm-custom-patches [pid %d]: %s patch %r live (control op %s, requested by %s)",
-                os.getpid(), "rolled back" if action == "rollback" else "applied", name, op_id, who,
+                "vllm-custom-patches [pid %d]: patch %r %s live (control op %s, requested by %s)",
+                os.getpid(), name, _VERBS[action, waiting], op_id, who,
             )  # fmt: skip
-        return _result(name, ok=True, changed=changed)
+        return _result(name, ok=True, changed=changed, waiting=waiting)
 
 
 def undo(op_id: str, who: str) -> dict[str, Any]:
-    """Revert what operation ``op_id`` changed in this process, if anything."""
+    """Revert what operation ``op_id`` changed in this process, if anything (not authenticated)."""
     with _lock:
         done = _changed.pop(op_id, None)
     if done is None:
@@ -104,26 +137,46 @@ def _patch_class(name: str, *, load: bool) -> Any:
 
 
 def _target_imported(patch_cls: Any) -> bool:
-    from ._targets import module_of, resolve_target
+    from ._targets import resolve_target
 
     spec = patch_cls._vcp_spec
-    if module_of(spec.target) not in sys.modules:
-        return False
     return resolve_target(spec.target, spec.name, import_module=False) is not None
 
 
-def _do(action: str, patch_cls: Any) -> bool:
+def _do(action: str, patch_cls: Any) -> tuple[bool | None, bool]:
+    """Whether ``action`` changed the patch here (None: it does not concern this process), and
+    whether the change was to a patch waiting for its target's import."""
+    from ._activation import switch_waiting
     from ._manager import PatchManager
     from ._versions import check_gate
 
+    if action == "apply":
+        check_gate(patch_cls.name, patch_cls._vcp_gate)
+    waiting = switch_waiting(action, patch_cls)
+    if waiting != "live":
+        return (None if waiting == "irrelevant" else waiting == "changed"), True
     if action == "rollback":
-        return PatchManager.rollback(patch_cls.name)
-    check_gate(patch_cls.name, patch_cls._vcp_gate)
-    return PatchManager.apply(patch_cls)
+        if PatchManager.rollback(patch_cls.name):
+            return True, False
+        return (False if _target_imported(patch_cls) else None), False
+    if not _target_imported(patch_cls):
+        return None, False
+    return PatchManager.apply(patch_cls), False
 
 
-def _result(name: str, *, ok: bool, changed: bool = False, relevant: bool = True, error: str | None = None) -> dict[str, Any]:
+_VERBS = {
+    ("rollback", False): "rolled back",
+    ("rollback", True): "disarmed (before the import of its target)",
+    ("apply", False): "applied",
+    ("apply", True): "armed (for the import of its target)",
+}
+
+
+def _result(
+    name: str, *, ok: bool, changed: bool = False, relevant: bool = True, error: str | None = None, waiting: bool = False
+) -> dict[str, Any]:
     from ._manager import PatchManager
 
     state = next((s.state.value for s in PatchManager.status() if s.name == name), "unknown") if name else ""
-    return {"ok": ok, "changed": changed, "relevant": relevant, "state": state, "error": error}
+    # ``waiting``: what changed is what the target's import will do (it is not imported here).
+    return {"ok": ok, "changed": changed, "relevant": relevant, "state": state, "error": error, "waiting": waiting}

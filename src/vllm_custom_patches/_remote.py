@@ -305,6 +305,9 @@ def print_control(report: Mapping[str, Any], out: TextIO) -> None:
     for process in report["processes"]:
         if not process.get("relevant", True):
             outcome = "not relevant here"
+        elif process["ok"] and process.get("waiting") and process.get("changed"):
+            # Its target is not imported in that process: what changed is what its import will do.
+            outcome = "disarmed before its target's import" if report["action"] == "rollback" else "armed for its target's import"
         elif process["ok"]:
             outcome = "changed" if process.get("changed") else "unchanged (already so)"
         else:

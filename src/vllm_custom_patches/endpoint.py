@@ -23,13 +23,17 @@ collection the route makes.
 
 The kill switch, ``POST /custom_patches/{name}/rollback`` and
 ``POST /custom_patches/{name}/apply``, changes a patch in every process of the
-running server, or in none (``_switch``).  Those routes exist only when
+running server, or in none (``_switch``): 200 done, 409 refused and undone
+everywhere, 500 when some process could not be put back (the report's
+``outcome`` is ``inconsistent`` and names them).  Those routes exist only when
 ``VLLM_CUSTOM_PATCHES_CONTROL_TOKEN`` is set in the server's environment (at
-least 16 characters), and require ``Authorization: Bearer <that token>``:
-403 without it or with another, 404 for an unknown patch (listing the known
-ones), 422 for a body that is not a JSON object with at most a string
-``reason``; none of these changes anything.  Every request, refused or not,
-is logged in vLLM's log with the client's address; one change at a time.
+least 16 printable ASCII characters, no spaces), and require
+``Authorization: Bearer <that token>``: 403 without it or with another, 404
+for an unknown patch (listing the known ones), 422 for a body that is not a
+JSON object with at most a string ``reason``; none of these changes anything.
+Every request, refused or not, is logged in vLLM's log with the client's
+address (and the reason given, control characters escaped); one change at a
+time.
 """
 
 # No ``from __future__ import annotations`` here: FastAPI reads the route's
@@ -52,7 +56,6 @@ __all__ = ["ROUTE", "CustomPatchesEndpoint"]
 
 ROUTE = "/custom_patches"
 CONTROL_ROUTE = ROUTE + "/{name}/{action}"
-MIN_TOKEN_LENGTH = 16
 REFRESH_S = 15.0
 """How often the metric's view of the server is refreshed in the background."""
 
@@ -114,7 +117,7 @@ class CustomPatchesEndpoint:
     async def _control(self, name: str, action: str, request: Any) -> "tuple[int, dict[str, Any]]":
         from ._control import ACTIONS
         from ._log import logger
-        from ._switch import change, known_patches, summary
+        from ._switch import HTTP_STATUS, change, known_patches, summary
 
         client = request.client
         who = f"{client.host}:{client.port}" if client else "unknown client"
@@ -150,13 +153,16 @@ class CustomPatchesEndpoint:
                 await self._status.refresh()  # the status route and the metric show the new state at once
             except Exception:
                 logger.warning("vllm-custom-patches: refreshing the status after a change failed", exc_info=True)
-        return (200 if report["ok"] else 409), report
+        return HTTP_STATUS[report["outcome"]], report
 
     async def _collect(self) -> "dict[str, Any]":
         from ._fleet import collect
         from ._metrics import publish
 
-        report = await collect(self._engine_client)
+        from ._switch import note_unsettled
+
+        # What a failed undo left (several roles out of step) is the API server's to tell.
+        report = note_unsettled(await collect(self._engine_client))
         publish(report)
         return report
 
@@ -175,17 +181,21 @@ class CustomPatchesEndpoint:
 
 def _control_token_hash() -> "bytes | None":
     """The control token's hash, or None (the routes are not made) if it is unset or unusable."""
+    from ._auth import MIN_TOKEN_LENGTH, token_problem
     from ._env import ENV_CONTROL_TOKEN
     from ._log import logger
 
     token = os.environ.get(ENV_CONTROL_TOKEN)
     if token is None or not token.strip():
         return None
-    if len(token.strip()) < MIN_TOKEN_LENGTH or token != token.strip():
+    problem = token_problem(token)
+    if problem is not None:
+        # Not the routes with a token a client can send in only one of several encodings, or not at all.
         logger.error(
-            "vllm-custom-patches: %s is set but unusable (at least %d characters, no surrounding spaces); "
-            "the control routes are disabled. Set it to a long random secret, e.g. $(openssl rand -hex 32).",
+            "vllm-custom-patches: %s is set but unusable: %s (it must be at least %d printable ASCII characters, "
+            "no spaces); the control routes are disabled. Set it to a long random secret, e.g. $(openssl rand -hex 32).",
             ENV_CONTROL_TOKEN,
+            problem,
             MIN_TOKEN_LENGTH,
         )
         return None
@@ -219,4 +229,20 @@ def _parse_body(raw: bytes) -> "tuple[str, str | None]":
     reason = body.get("reason", "")
     if not isinstance(reason, str) or len(reason) > 500:
         return "", "'reason' must be a string of at most 500 characters"
-    return reason.replace("\n", " "), None
+    return _printable(reason), None
+
+
+def _printable(text: str) -> str:
+    """``text`` safe for one log line in every process: line breaks as spaces, other control
+    and format characters (terminal escapes, ``\\r``, bidirectional overrides) escaped."""
+    import unicodedata
+
+    out = []
+    for char in text:
+        if char in "\n\r\t\v\f\x85\u2028\u2029":
+            out.append(" ")
+        elif unicodedata.category(char) in ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"):
+            out.append(ascii(char)[1:-1])
+        else:
+            out.append(char)
+    return "".join(out)

@@ -106,6 +106,9 @@ def _reset_for_tests() -> None:
     with _lock:
         if _state.epoch is not None:
             _state.epoch.active = False
+        activation = sys.modules.get(__package__ + "._activation")
+        if activation is not None:  # what the kill switch armed belongs to no epoch
+            activation._forget_waiting()
         _state = _State()
 
 
