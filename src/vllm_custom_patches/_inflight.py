@@ -21,6 +21,7 @@ import types
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from ._forksafe import ForkSafeRLock
 from ._graft import MISSING, Change, code_objects, functions_of, restore
 from ._log import logger
 
@@ -64,7 +65,7 @@ class Lingering:
 class Lingerers:
     """The lingering originals of one registry; every method needs the registry's lock held."""
 
-    def __init__(self, lock: threading.RLock) -> None:
+    def __init__(self, lock: ForkSafeRLock) -> None:
         self._lock = lock
         self.entries: dict[tuple[type, str], Lingering] = {}
         self._sweeper: threading.Thread | None = None

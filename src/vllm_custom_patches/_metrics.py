@@ -17,13 +17,14 @@ is gone stay until the server restarts.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Mapping
 from typing import Any
 
+from ._forksafe import ForkSafeLock
+
 __all__ = ["publish"]
 
-_lock = threading.Lock()
+_lock = ForkSafeLock()  # a forked child must not find it held by a thread it lacks
 _gauges: tuple[Any, Any] | None = None
 
 _RANK_LABELS = ("dp_rank", "tp_rank", "pp_rank")

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import difflib
 import os
-import threading
 from dataclasses import dataclass
 from types import CodeType
 from typing import TYPE_CHECKING, Any
 
 from ._errors import PatchDefinitionError, UnknownPatchError
+from ._forksafe import ForkSafeRLock
 from ._graft import Change
 from ._inflight import Lingerers
 from ._log import logger
@@ -51,8 +51,9 @@ class Registry:
 
     def __init__(self) -> None:
         # Re-entrant: applying a patch can import a module whose body defines
-        # (and so registers) more patches, on the same thread.
-        self.lock = threading.RLock()
+        # (and so registers) more patches, on the same thread.  Renewed in a
+        # forked child if another thread held it (see _forksafe).
+        self.lock = ForkSafeRLock()
         self.patches: dict[str, type[VLLMPatch[Any]]] = {}
         self.applied: dict[str, Applied] = {}  # in order of application
         self.owners: dict[type, dict[str, str]] = {}  # target -> member -> patch name
@@ -101,6 +102,8 @@ class Registry:
 REGISTRY = Registry()
 """The process-wide registry."""
 if hasattr(os, "register_at_fork"):
+    # Runs after _forksafe's handler (registered when it was imported, above), so a
+    # sweeper started here finds the lock renewed if a vanished thread held it.
     os.register_at_fork(after_in_child=REGISTRY.lingerers.after_fork_in_child)
 
 
