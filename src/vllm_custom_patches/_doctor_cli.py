@@ -105,6 +105,12 @@ def _view(source: str | None, version: str | None) -> Any:
     if version is None:
         view.version = _version_of(root)
         view.label = f"vLLM {view.version} (source {root})"
+    from packaging.version import InvalidVersion, Version
+
+    try:  # gates and lock files compare it as a version
+        Version(view.version)
+    except InvalidVersion:
+        raise _Usage(f"the vLLM version {view.version!r} of {root} is not a PEP 440 version; pass --vllm VERSION, e.g. 0.33.0") from None
     return view
 
 
