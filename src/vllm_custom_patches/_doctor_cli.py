@@ -96,8 +96,12 @@ def _view(source: str | None, version: str | None) -> Any:
     root = Path(source) if source else _download(version or "")
     if not root.exists():
         raise _Usage(f"--vllm-source {root} does not exist; give the directory that holds vllm/, or a vLLM .whl")
+    from ._static import WheelError
+
     try:
         view = StaticView(root, version or "0")
+    except WheelError as exc:
+        raise _Usage(str(exc)) from None
     except Exception as exc:  # an unreadable file or directory, a corrupt wheel
         raise _Usage(f"--vllm-source {root} cannot be read: {type(exc).__name__}: {exc}") from None
     if view.tree.module_path("vllm") is None:

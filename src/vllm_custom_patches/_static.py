@@ -12,7 +12,9 @@ computed at run time (``type()``, ``setattr``, a base returned by a call) is not
 from __future__ import annotations
 
 import ast
+import hashlib
 import os
+import re
 import shutil
 import tempfile
 import tokenize
@@ -20,8 +22,9 @@ import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
-__all__ = ["SourceTree", "StaticClass", "StaticMember", "load_tree", "super_calls", "wheel_cache_dir"]
+__all__ = ["SourceTree", "StaticClass", "StaticMember", "WheelError", "load_tree", "super_calls", "wheel_cache_dir"]
 
 # By the decorator's last name: ``@x.setter`` and friends rebind the name to a property.
 _KINDS = {"staticmethod": "staticmethod", "classmethod": "classmethod", "property": "property"}
@@ -309,31 +312,96 @@ def wheel_cache_dir() -> Path:
     return path
 
 
+# What unpacking a wheel may write: vLLM 0.33.0 holds 3,231 .py files, 50 MB; a wheel (or a
+# zip bomb named .whl) past these is refused before anything is written.
+MAX_UNPACKED_BYTES = 1 << 30
+MAX_UNPACKED_FILES = 100_000
+_UNPACK_FORMAT = b"vllm-custom-patches unpack 1\0"  # part of the key: what is extracted, and how
+
+
+class WheelError(ValueError):
+    """A wheel that cannot be unpacked for reading; the message names it and why."""
+
+
+def _wheel_key(f: BinaryIO) -> str:
+    """The cache key of a wheel: a hash of its bytes, so a rebuilt wheel of the same name is unpacked anew."""
+    digest = hashlib.sha256(_UNPACK_FORMAT)
+    while chunk := f.read(1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _sources(path: Path, whl: zipfile.ZipFile) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+    """The members to extract (source only, nothing that would land outside the directory), within the limits."""
+    chosen = []
+    for info in whl.infolist():
+        name = PurePosixPath(info.filename)
+        if name.suffix == ".py" and not (info.is_dir() or name.is_absolute() or ".." in name.parts):
+            chosen.append((info, name))
+    total = sum(info.file_size for info, _ in chosen)
+    if len(chosen) > MAX_UNPACKED_FILES or total > MAX_UNPACKED_BYTES:
+        raise WheelError(f"{path}: refusing to unpack {len(chosen)} .py files of {total} bytes, over the limit of "
+                         f"{MAX_UNPACKED_FILES} files and {MAX_UNPACKED_BYTES} bytes; is it really a vLLM wheel?")  # fmt: skip
+    return chosen
+
+
+def _unpack(whl: zipfile.ZipFile, members: list[tuple[zipfile.ZipInfo, PurePosixPath]], into: Path) -> None:
+    for info, name in members:
+        (out := into.joinpath(*name.parts)).parent.mkdir(parents=True, exist_ok=True)
+        # Streamed, and never more than the size the zip's directory declares (zipfile stops there
+        # too): the limit checked before writing is the limit on what is written.
+        with whl.open(info) as src, out.open("wb") as dst:
+            left = info.file_size
+            while left > 0 and (chunk := src.read(min(left, 1 << 20))):
+                dst.write(chunk)
+                left -= len(chunk)
+
+
 def load_tree(path: Path) -> SourceTree:
     """`path` is either a directory holding `vllm/` (a source tree or unpacked wheel) or a `.whl` file; a wheel
-    is unpacked (only its .py files) into a cache directory next to it named `<wheel stem>.src/` (reused if present)
-    and that directory is used."""
+    is unpacked (only its .py files, within MAX_UNPACKED_BYTES and MAX_UNPACKED_FILES) into a directory next to
+    it named `<wheel stem>.<hash of the wheel>.src/`, reused while the wheel's bytes are the same, and that
+    directory is used.  Unpacked trees of earlier wheels of the same name are removed."""
     path = Path(path)
     if path.is_dir():
         return SourceTree(path)
     if not (path.is_file() and path.suffix == ".whl"):
         raise FileNotFoundError(f"{path}: neither a source directory nor a .whl file")
-    dest = path.with_name(f"{path.stem}.src")
-    if not dest.is_dir():
-        # Unpack beside it, then rename: a half-unpacked directory is never taken for a complete one.
-        tmp = Path(tempfile.mkdtemp(prefix=f"{path.stem}.", suffix=".tmp", dir=path.parent))
-        try:
-            with zipfile.ZipFile(path) as whl:
-                for info in whl.infolist():
-                    name = PurePosixPath(info.filename)
-                    # Source only, and nothing that would land outside the directory.
-                    if name.suffix == ".py" and not (info.is_dir() or name.is_absolute() or ".." in name.parts):
-                        (out := tmp.joinpath(*name.parts)).parent.mkdir(parents=True, exist_ok=True)
-                        out.write_bytes(whl.read(info))
-            os.rename(tmp, dest)
-        except OSError:
-            if not dest.is_dir():  # else another run unpacked it first: use theirs
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # already gone after the rename
+    # One open file for the hash and the unpacking: a wheel replaced meanwhile cannot
+    # have its tree filed under the other's hash.
+    with path.open("rb") as f:
+        dest = path.with_name(f"{path.stem}.{_wheel_key(f)}.src")
+        if dest.is_dir():
+            return SourceTree(dest)
+        f.seek(0)
+        with zipfile.ZipFile(f) as whl:
+            members = _sources(path, whl)  # refused here: nothing written
+            # Unpack beside it, then rename: a half-unpacked directory (a concurrent or an
+            # interrupted run) is never taken for a complete one.
+            tmp = Path(tempfile.mkdtemp(prefix=f"{path.stem}.", suffix=".tmp", dir=path.parent))
+            try:
+                _unpack(whl, members, tmp)
+                os.rename(tmp, dest)
+            except OSError:
+                if not dest.is_dir():  # else another run unpacked it first: use theirs
+                    raise
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)  # already gone after the rename
+    _remove_stale(path, dest)
     return SourceTree(dest)
+
+
+def _remove_stale(path: Path, keep: Path) -> None:
+    """Trees unpacked from earlier bytes of this wheel's name describe a file that no longer exists: without
+    this, each rebuild of a nightly wheel would leave its tree behind.  (A run still reading one of them
+    checks a wheel that was replaced since; it may find files gone.)"""
+    stale = re.compile(re.escape(path.stem) + r"\.[0-9a-f]{16}\.src")
+    for old in path.parent.iterdir():
+        if old != keep and stale.fullmatch(old.name) and old.is_dir() and not old.is_symlink():
+            # Renamed away first, so a tree half removed is never found under a cache name.
+            gone = Path(tempfile.mkdtemp(prefix=f"{path.stem}.", suffix=".tmp", dir=path.parent))
+            try:
+                os.rename(old, gone / "tree")
+            except OSError:
+                pass  # another run removed it
+            shutil.rmtree(gone, ignore_errors=True)
