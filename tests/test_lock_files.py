@@ -20,7 +20,12 @@ from typing import Any
 import pytest
 
 from vllm_custom_patches import _cli
-from vllm_custom_patches._fingerprint import LockedMember, LockFileError, fingerprint, write_lock
+from vllm_custom_patches._fingerprint import (
+    LockedMember,
+    LockFileError,
+    fingerprint,
+    write_lock,
+)
 
 VERSION = "9.9.9"
 PATCH = '''
@@ -204,7 +209,7 @@ def test_the_console_script_refuses_a_corrupt_lock_with_exit_2(setup: tuple[Path
     src, lock = setup
     _corrupt(lock, "a version that is not PEP 440")
     script = Path(sys.executable).with_name("vllm-custom-patches")
-    result = subprocess.run([str(script), "doctor", "Probe", "--vllm-source", str(src)], capture_output=True, text=True,
-                            env=dict(os.environ), timeout=300)  # fmt: skip
+    result = subprocess.run([str(script), "doctor", "Probe", "--vllm-source", str(src)], check=False,
+                            capture_output=True, text=True, env=dict(os.environ), timeout=300)  # fmt: skip
     _assert_refused(result.returncode, result.stderr, lock, CORRUPT["a version that is not PEP 440"][1])
     assert result.stdout == ""
