@@ -194,37 +194,43 @@ def test_the_control_methods_exist_only_where_the_kill_switch_is_enabled(
 def test_an_engine_core_without_the_control_method_is_reported_with_the_fix() -> None:
     from vllm_custom_patches._fleet import engine_failure
 
-    # What vLLM's engine core answers for a utility method it does not have.
-    error = NotImplementedError(f"Method {CONTROL_METHOD!r} is not implemented.")
-    assert engine_failure(error).startswith(
+    # What vLLM's engine client raises for a utility method the engine core does not have.
+    missing = Exception(f"Call to {CONTROL_METHOD} method failed: 'EngineCoreProc' object has no attribute '{CONTROL_METHOD}'")
+    assert engine_failure(missing).startswith(
         "the kill switch is not enabled in this engine core (is VLLM_CUSTOM_PATCHES_CONTROL_TOKEN set in its environment"
     )
+    other = Exception(f"Call to {CONTROL_METHOD} method failed: ")  # any other failure is told as it is
+    assert engine_failure(other) == f"Exception: Call to {CONTROL_METHOD} method failed: "
 
 
-class _StandInEngineCore:
+def _stand_in_engine_core(engine_core_cls: type, wrapper_cls: type) -> Any:
     """One engine core with two workers, in this process, answering through the real responders."""
+    core = engine_core_cls()
+    core.vllm_config = types.SimpleNamespace(parallel_config=_Parallel())
+    wrappers = [wrapper_cls(), wrapper_cls()]
+    for rank, wrapper in enumerate(wrappers):
+        wrapper.vllm_config, wrapper.rpc_rank = core.vllm_config, rank
 
-    def __init__(self, engine_core_cls: type, wrapper_cls: type) -> None:
-        self.vllm_config = types.SimpleNamespace(parallel_config=_Parallel())
-        wrappers = [wrapper_cls(), wrapper_cls()]
-        for rank, wrapper in enumerate(wrappers):
-            wrapper.vllm_config, wrapper.rpc_rank = self.vllm_config, rank
+    def collective_rpc(method: str, timeout: float | None = None, args: tuple[Any, ...] = ()) -> list[Any]:
+        return [getattr(wrapper, method)(*args) for wrapper in wrappers]  # vLLM's run_method
 
-        def collective_rpc(method: str, timeout: float | None = None, args: tuple[Any, ...] = ()) -> list[Any]:
-            return [getattr(wrapper, method)(*args) for wrapper in wrappers]
-
-        self.model_executor = types.SimpleNamespace(collective_rpc=collective_rpc)
-        self.cls = engine_core_cls
+    core.model_executor = types.SimpleNamespace(collective_rpc=collective_rpc)
+    return core
 
 
 class _InProcessClient:
-    def __init__(self, core: _StandInEngineCore) -> None:
+    def __init__(self, core: Any) -> None:
         self.engine_core = self
         self.core_engines = [(0).to_bytes(2, "little")]
         self.core = core
 
     async def _call_utility_async(self, method: str, *args: Any, engine: bytes) -> Any:
-        return getattr(self.core.cls, method)(self.core, *args)
+        import inspect
+
+        bound = getattr(self.core, method)
+        # As vLLM's EngineCore._convert_msgspec_args: no more arguments than parameters (*args counts one).
+        assert len(args) <= len(inspect.signature(bound).parameters), "vLLM would refuse this utility call"
+        return bound(*args)
 
 
 @pytest.mark.usefixtures("no_vllm_process_groups")
@@ -235,7 +241,7 @@ def test_the_switch_s_own_calls_pass_through_the_engine_core_to_its_workers(
 
     engine_core_cls, wrapper_cls = _fake_vllm_classes(monkeypatch)
     install_responders()
-    client = _InProcessClient(_StandInEngineCore(engine_core_cls, wrapper_cls))
+    client = _InProcessClient(_stand_in_engine_core(engine_core_cls, wrapper_cls))
     report = asyncio.run(change(client, "rollback", "hardened", "ops"))
     assert report["ok"] and report["outcome"] == "done", report
     assert [(p["role"], p["tp_rank"], p["ok"]) for p in report["processes"]] == [
@@ -419,6 +425,8 @@ class _Engines:
         what = self.scripts[rank](action)
         if what == "timeout":
             raise asyncio.TimeoutError()
+        if what == "error":  # the call failed in the engine core before our method ran
+            raise Exception(f"Call to {method} method failed: 'EngineCoreProc' object has no attribute '{method}'")
         if what == "refuse":
             return [{**record, "ok": False, "changed": False, "relevant": True, "state": "applied",
                      "error": "PatchConflictError: outside change"}]  # fmt: skip
@@ -460,6 +468,17 @@ def test_a_refusal_put_back_everywhere_is_still_refused_not_inconsistent(patch: 
     report = asyncio.run(change(engines, "rollback", "hardened", "ops"))
     assert report["outcome"] == "refused" and report["undo_failed"] == []
     assert "REFUSED, undone everywhere" in summary(report) and engines.applied == {0: True, 1: True}
+
+
+def test_an_engine_core_whose_call_fails_outright_changed_nothing_so_the_refusal_is_clean(patch: Any) -> None:
+    from vllm_custom_patches._switch import change
+
+    engines = _Engines({0: lambda action: "ok", 1: lambda action: "error"})
+    report = asyncio.run(change(engines, "rollback", "hardened", "ops"))
+    assert report["outcome"] == "refused" and report["undo_failed"] == [], report
+    (failed,) = [p for p in report["processes"] if p.get("dp_rank") == 1]
+    assert failed["ran"] is False and "the kill switch is not enabled in this engine core" in failed["error"]
+    assert engines.applied == {0: True, 1: True} and _state("hardened") == "applied"
 
 
 def _app(engines: Any) -> Any:

@@ -137,12 +137,17 @@ def _worker_ranks_of(parallel: Any, dp_rank: int | None) -> list[dict[str, int |
     ]
 
 
-def _engine_core_control(engine_core: Any, *signed: Any) -> list[dict[str, Any]]:
+def _engine_core_control(
+    engine_core: Any, action: str = "", name: str = "", op_id: str = "", who: str = "", issued: str = "", mac: str = ""
+) -> list[dict[str, Any]]:
     """Utility method of vLLM's EngineCore: the change here (between two steps), then in its workers.
 
-    ``signed`` is what ``_auth.sign`` made in the API server; a call that is
-    not authentic is refused here and goes no further.
+    The arguments are what ``_auth.sign`` made in the API server; a call that
+    is not authentic is refused here and goes no further.  Named one by one:
+    vLLM matches a utility call's arguments to the method's parameters and
+    refuses more arguments than parameters (``*args`` counts as one).
     """
+    signed = (action, name, op_id, who, issued, mac)
     parallel = engine_core.vllm_config.parallel_config
     dp_rank = _dp_rank(parallel)
     record = control_record(signed, _ROLE_ENGINE_CORE, dp_rank=dp_rank)

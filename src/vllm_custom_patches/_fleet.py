@@ -174,7 +174,7 @@ def engine_failure(error: BaseException) -> str:
             "the custom_patches plugin is not active in this engine core (is vllm-custom-patches installed "
             f"on its node, and does its VLLM_PLUGINS include custom_patches?): {text}"
         )
-    if "vllm_custom_patches_control" in text:  # installed only where the kill switch is enabled
+    if "vllm_custom_patches_control" in text and "has no attribute" in text:  # only where the kill switch is on
         return (
             "the kill switch is not enabled in this engine core (is VLLM_CUSTOM_PATCHES_CONTROL_TOKEN set in "
             f"its environment, to the API server's value, and is custom_patches in its VLLM_PLUGINS?): {text}"

@@ -18,6 +18,7 @@ everywhere, and the status route shows it (:func:`note_unsettled`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Mapping
@@ -76,7 +77,11 @@ async def _everywhere(engine_client: Any, signed: tuple[str, ...], timeout: floa
         return records
     for dp_rank, answer in await call_engine_cores(engine_client, CONTROL_METHOD, signed, timeout):
         if isinstance(answer, BaseException):
-            records.append(_failed(unreachable_record("engine_core", engine_failure(answer), dp_rank=dp_rank)))
+            record = _failed(unreachable_record("engine_core", engine_failure(answer), dp_rank=dp_rank))
+            # An error answer (the method missing or failing, the engine dead) means the call ran
+            # nowhere: the engine core's step never raises.  No answer in time means it may yet run.
+            record["ran"] = None if isinstance(answer, asyncio.TimeoutError) else False
+            records.append(record)
         else:
             records.extend(answer)
     return records
@@ -119,9 +124,11 @@ def _settle(
             record["state"] = after["state"]
         if after is not None and not after["ok"]:
             record["undo_error"] = after.get("error")
-        answered = record.get("pid") is not None
+        # It said it changed nothing, or its call failed before running (``ran`` false, see
+        # _everywhere; null: it did not answer in time, and may yet have run).
+        answered = record.get("pid") is not None or record.get("ran") is False
         if answered and not record.get("changed"):
-            continue  # it said it changed nothing: nothing to put back
+            continue  # nothing to put back
         if after is None:
             record["undo_error"] = "no answer to the undo"
         if after is None or not after["ok"]:
