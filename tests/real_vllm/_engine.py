@@ -38,10 +38,11 @@ HERE = Path(__file__).resolve()
 TEST_ENGINE_ARGS: dict[str, Any] = {"max_num_seqs": 1, "enable_prefix_caching": False}
 
 #: The requests the shortest-prompt-first tests submit, in this order: (id, prompt length, max_tokens).
-#: "head" is shortest, so every policy admits it first, and it decodes long
-#: enough for the others to be queued behind it even where requests reach the
-#: engine one by one (the multiprocess engine starts a step as soon as the
-#: first request arrives); the others are then ordered by the policy.
+#: "head" is shortest, so every policy admits it first; the others are then
+#: ordered by the policy.  Where requests reach the engine one by one (a
+#: server, the multiprocess engine), the tests hold them at the test-only
+#: AdmissionGate (_admission_gate.py) until all have arrived, so the order
+#: never depends on how fast the engine runs.
 SPF_REQUESTS = [("head", 3, 24), ("long", 40, 3), ("tiny", 5, 3), ("medium", 20, 3), ("short", 10, 3)]
 
 #: The requests the fair-share tests submit, in this order: tenant a's burst, then tenant b's.
@@ -112,7 +113,7 @@ def start_child(mode: str, spec: Mapping[str, Any], env: Mapping[str, str], work
     return Child(proc, out, log, time.monotonic())
 
 
-def run_child(mode: str, spec: Mapping[str, Any], env: Mapping[str, str], workdir: Path, timeout: float = 300) -> dict[str, Any]:
+def run_child(mode: str, spec: Mapping[str, Any], env: Mapping[str, str], workdir: Path, timeout: float = 600) -> dict[str, Any]:
     return start_child(mode, spec, env, workdir).result(timeout)
 
 
@@ -146,7 +147,7 @@ def free_port() -> int:
 
 
 def start_server(
-    model: str, env: Mapping[str, str], log: Path, timeout: float = 300, extra_args: Sequence[str] = ()
+    model: str, env: Mapping[str, str], log: Path, timeout: float = 600, extra_args: Sequence[str] = ()
 ) -> Server:
     """Start ``vllm.entrypoints.openai.api_server`` on 127.0.0.1 and wait until /v1/models answers."""
     port = free_port()
@@ -287,7 +288,7 @@ def launch_serve(model: str, env: Mapping[str, str], log: Path, args: Sequence[s
         )
 
 
-def wait_ready(port: int, procs: Mapping[Path, subprocess.Popen[bytes]], timeout: float = 300) -> float:
+def wait_ready(port: int, procs: Mapping[Path, subprocess.Popen[bytes]], timeout: float = 600) -> float:
     """Wait until ``/v1/models`` answers on ``port``; fail early, with its log, if any process exits."""
     started = time.monotonic()
     while True:

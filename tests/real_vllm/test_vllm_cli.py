@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _inprocess import run_cli
 from conftest import VllmWorkspace
 
 IMAGE_PATCHES = Path(__file__).resolve().parents[2] / "examples" / "image-patches"
@@ -17,6 +18,7 @@ pytestmark = pytest.mark.vllm
 
 
 def _cli(workspace: VllmWorkspace, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m vllm_custom_patches ARGS`` in a subprocess (the module's entry point)."""
     return subprocess.run(
         [sys.executable, "-m", "vllm_custom_patches", *args],
         capture_output=True,
@@ -43,13 +45,13 @@ def test_check_applies_the_catalogue_and_the_image_patch_file_to_the_real_schedu
         shutil.copy(source, patch_dir / source.name)
         (patch_dir / source.name).chmod(0o644)
     patch_dir.chmod(0o755)
-    result = _cli(
-        vllm_workspace,
-        "check",
-        "--json",
-        VLLM_CUSTOM_PATCHES="AdmissionLog,scheduler_trace",
-        VLLM_CUSTOM_PATCHES_PATH=str(patch_dir),
-        VLLM_CUSTOM_PATCHES_TRACE_FILE=str(vllm_workspace.root / "cli-trace.jsonl"),
+    result = run_cli(  # in this process: vLLM is imported once for every such test
+        ["check", "--json"],
+        vllm_workspace.env(
+            VLLM_CUSTOM_PATCHES="AdmissionLog,scheduler_trace",
+            VLLM_CUSTOM_PATCHES_PATH=str(patch_dir),
+            VLLM_CUSTOM_PATCHES_TRACE_FILE=str(vllm_workspace.root / "cli-trace.jsonl"),
+        ),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     rows = {row["name"]: row for row in json.loads(result.stdout)["patches"]}
@@ -60,7 +62,7 @@ def test_check_applies_the_catalogue_and_the_image_patch_file_to_the_real_schedu
 
 
 def test_check_explains_a_missing_setting(vllm_workspace: VllmWorkspace) -> None:
-    result = _cli(vllm_workspace, "check", "scheduler_trace")
+    result = run_cli(["check", "scheduler_trace"], vllm_workspace.env())
     assert result.returncode == 1
     assert "VLLM_CUSTOM_PATCHES_TRACE_FILE" in result.stdout
     assert "FAILED" in result.stdout

@@ -2,11 +2,14 @@
 
 One tensor-parallel-2 server for the module (API server, engine core, two
 workers) with ``shortest_prompt_first``, ``scheduler_trace`` and a worker-side
-patch selected and ``VLLM_CUSTOM_PATCHES_CONTROL_TOKEN`` set.  Each test leaves
+patch selected (it also shows where each patch runs with tensor parallelism) and ``VLLM_CUSTOM_PATCHES_CONTROL_TOKEN`` set.  Each test leaves
 every patch applied, as it found it.  Evidence comes from inside the processes:
 the scheduler trace (written by the engine core) shows the admission order
 the live scheduler chose; the worker patch writes its rank and pid from each
 worker; ``GET /custom_patches`` and ``/metrics`` show every process's state.
+The requests whose order is measured are held by the test-only
+``AdmissionGate`` (``_admission_gate.py``) until all of them have reached the
+engine core, so the order is the policy's, whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -20,11 +23,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _admission_gate import held_lines, wait_held, write_admission_gate
 from _engine import SPF_REQUESTS, _stop_group, free_port, launch_serve, prompt_ids, wait_ready, write_rank_witness
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -36,6 +41,8 @@ STREAM_LEN = 7
 #: The prompt whose output tokens are compared with an unpatched engine's.
 PROBE = prompt_ids(42, 12)
 PROBE_TOKENS = 8
+#: The requests whose admission order is measured, in arrival order: (prompt length, max_tokens).
+ORDERED = [(length, max_tokens) for _, length, max_tokens in SPF_REQUESTS[1:]]
 
 
 @dataclass
@@ -47,6 +54,8 @@ class ControlServer:
     trace: Path
     witness: Path
     tamper: Path
+    gate: Path
+    """The AdmissionGate's log: one line per request it held."""
     reference: list[int]
     """The probe's output tokens from an unpatched engine of the same shape."""
 
@@ -62,15 +71,13 @@ def server(vllm_workspace: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
     tmp = tmp_path_factory.mktemp("control")
     model = str(vllm_workspace.model)
     tp2 = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
-    # The unpatched baseline: same model, same tensor parallelism, nothing selected.
-    baseline = run_engine(model, patches=[], prompts=[PROBE], max_tokens=PROBE_TOKENS,
-                          engine_args={"tensor_parallel_size": 2}, env=tp2, workdir=tmp / "baseline")  # fmt: skip
-    assert baseline.processes and not any(p.applied for p in baseline.processes)
     env = vllm_workspace.env(
         **tp2,
         VLLM_PLUGINS="custom_patches",
-        VLLM_CUSTOM_PATCHES="shortest_prompt_first,scheduler_trace,RankWitness",
-        VLLM_CUSTOM_PATCHES_PATH=str(write_rank_witness(tmp / "patches")),
+        VLLM_CUSTOM_PATCHES="shortest_prompt_first,scheduler_trace,RankWitness,AdmissionGate",
+        VLLM_CUSTOM_PATCHES_PATH=str(write_admission_gate(write_rank_witness(tmp / "patches"))),
+        VCP_GATE_LENGTHS=",".join(str(length) for length, _ in ORDERED),
+        VCP_GATE_LOG=str(tmp / "gate.jsonl"),
         VLLM_CUSTOM_PATCHES_TRACE_FILE=str(tmp / "trace.jsonl"),
         VLLM_CUSTOM_PATCHES_CONTROL_TOKEN=TOKEN,
         VCP_RANK_WITNESS_FILE=str(tmp / "ranks.jsonl"),
@@ -80,9 +87,14 @@ def server(vllm_workspace: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
     port, log = free_port(), tmp / "server.log"
     proc = launch_serve(model, env, log, ["--host", "127.0.0.1", "--port", str(port), "--tensor-parallel-size", "2"])
     try:
-        print(f"tensor parallel 2 with control ready in {wait_ready(port, {log: proc}):.1f}s")
+        # The unpatched baseline (same model, same tensor parallelism, nothing selected), computed
+        # while the server starts up: start-up mostly waits on one process at a time.
+        baseline = run_engine(model, patches=[], prompts=[PROBE], max_tokens=PROBE_TOKENS, timeout=600,
+                              engine_args={"tensor_parallel_size": 2}, env=tp2, workdir=tmp / "baseline")  # fmt: skip
+        assert baseline.processes and not any(p.applied for p in baseline.processes)
+        print(f"tensor parallel 2 with control ready in {wait_ready(port, {log: proc}, timeout=600):.1f}s")
         yield ControlServer(port, model, proc, log, tmp / "trace.jsonl", tmp / "ranks.jsonl", tmp / "tamper-now",
-                            list(baseline.outputs[0]))  # fmt: skip
+                            tmp / "gate.jsonl", list(baseline.outputs[0]))  # fmt: skip
     finally:
         _stop_group(proc)
 
@@ -153,35 +165,35 @@ def _admitted_since(server: ControlServer, since: float) -> list[int]:
 
 
 def _admission_order(server: ControlServer) -> list[int]:
-    """Queue SPF_REQUESTS behind a long-decoding head request; the order they were admitted in (prompt lengths)."""
+    """Submit ORDERED, each once the previous one is held at the gate; the order they were admitted in (prompt lengths).
+
+    The gate releases them into the waiting queue together, in arrival
+    order, when the last one arrives: whatever runs at that moment, the live
+    policy alone orders them.
+    """
     since = time.time()
-    (head_len, head_tokens), others = SPF_REQUESTS[0][1:], SPF_REQUESTS[1:]
-    threads = [threading.Thread(target=_complete, args=(server, prompt_ids(0, head_len), head_tokens * 2))]
-    threads[0].start()
-    deadline = time.monotonic() + 60
-    while head_len not in _admitted_since(server, since):  # the head runs: the others will queue behind it
-        assert time.monotonic() < deadline, "the head request was never admitted"
-        time.sleep(0.02)
-    for index, (_, length, max_tokens) in enumerate(others, start=1):
-        thread = threading.Thread(target=_complete, args=(server, prompt_ids(index, length), max_tokens))
-        thread.start()
-        threads.append(thread)
-        time.sleep(0.1)  # arrival order = submission order
-    for thread in threads:
-        thread.join(timeout=120)
-    lengths = {length for _, length, _ in others}
+    base = held_lines(server.gate)
+    with ThreadPoolExecutor(max_workers=len(ORDERED)) as pool:
+        answers = []
+        for index, (length, max_tokens) in enumerate(ORDERED, start=1):
+            answers.append(pool.submit(_complete, server, prompt_ids(index, length), max_tokens))
+            # Arrival order = submission order: this one reached the engine core before the next is sent.
+            assert wait_held(server.gate, base + index)[-1] == length
+        served = [len(answer.result(timeout=180)) for answer in answers]
+    assert served == [max_tokens for _, max_tokens in ORDERED]
+    lengths = {length for length, _ in ORDERED}
     return [n for n in _admitted_since(server, since) if n in lengths]
 
 
-FCFS = [length for _, length, _ in SPF_REQUESTS[1:]]  # arrival order
+FCFS = [length for length, _ in ORDERED]  # arrival order
 SHORTEST_FIRST = sorted(FCFS)
 
 
 class _Stream:
     """A client that keeps completions going (bounded in count and time) and records every failure."""
 
-    def __init__(self, server: ControlServer, limit: int = 400, seconds: float = 240) -> None:
-        self.server, self.limit, self.seconds = server, limit, seconds
+    def __init__(self, server: ControlServer, limit: int = 400, seconds: float = 240, minimum: int = 5) -> None:
+        self.server, self.limit, self.seconds, self.minimum = server, limit, seconds, minimum
         self.outputs: list[list[int]] = []
         self.failures: list[BaseException] = []
         self._stop = threading.Event()
@@ -200,6 +212,10 @@ class _Stream:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        # The test asserts on what the stream served: on a slow machine, let it reach
+        # ``minimum`` first (its own count and time bounds still end it).
+        while len(self.outputs) < self.minimum and not self.failures and self._thread.is_alive():
+            time.sleep(0.05)
         self._stop.set()
         self._thread.join(timeout=180)
 
@@ -245,6 +261,25 @@ def test_rollback_and_reapply_under_a_stream_of_requests_switch_the_live_schedul
           f"{statistics.median(loaded) * 1000:.0f} ms under load; {len(stream.outputs)} streamed requests, none failed")  # fmt: skip
     log = server.log.read_text(errors="replace")
     assert "rollback of patch 'shortest_prompt_first' requested by 127.0.0.1:" in log and "(p99 regression)" in log
+
+
+def test_tensor_parallel_2_applies_a_worker_patch_in_both_ranks_and_the_scheduler_patch_in_the_engine_core(
+    server: ControlServer,
+) -> None:
+    for index in range(4):
+        assert len(_complete(server, prompt_ids(60 + index, 6), 4)) == 4
+    processes = _status(server)["processes"]
+    workers = sorted((p for p in processes if p["role"] == "worker"), key=lambda p: p["tp_rank"])
+    assert [w["tp_rank"] for w in workers] == [0, 1], processes
+    for worker in workers:
+        assert "RankWitness" in worker["applied"], worker
+    (core,) = [p for p in processes if p["role"] == "engine_core"]
+    assert "scheduler_trace" in core["applied"] and "RankWitness" not in core["applied"]
+    records = [json.loads(line) for line in server.witness.read_text().splitlines()]
+    by_rank = {r["rank"]: r["pid"] for r in records}
+    assert sorted(by_rank) == [0, 1]  # the patched method ran in both ranks
+    assert {r["pid"] for r in records} == {w["pid"] for w in workers}  # from inside each worker process
+    assert {json.loads(line)["pid"] for line in server.trace.read_text().splitlines()} == {core["pid"]}
 
 
 def _witnessed_since(server: ControlServer, offset: int) -> set[int]:

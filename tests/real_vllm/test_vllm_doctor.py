@@ -1,7 +1,11 @@
 """``doctor``, ``show`` and ``lock`` against real vLLM: the installed 0.32.0 (imported) and 0.33.0 (its wheel, read statically).
 
-The real console script in a subprocess, on patch files written the way
-authors write them; the 0.33.0 wheel comes from ``make vllm-next``
+The command's ``main()`` in this process (one import of vLLM for the whole
+file, where a subprocess per call would import it each time), each call
+with its own environment and, like a fresh process, no patch file imported
+yet; the real console script in a subprocess where the test is about what
+the user runs (the README's matrix, a bad argument).  Patch files are written
+the way authors write them; the 0.33.0 wheel comes from ``make vllm-next``
 (``scripts/fetch-vllm-wheel.sh``), into the cache the tool reads.  The
 findings on 0.33.0 are vLLM's real changes: ``Scheduler.__init__`` changed,
 ``AsyncScheduler._update_request_with_output`` is gone (the member moved to
@@ -16,12 +20,13 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
+from _inprocess import CLI, run_cli
 
 pytestmark = pytest.mark.vllm
 
-CLI = str(Path(sys.executable).with_name("vllm-custom-patches"))
 README = Path(__file__).resolve().parents[2] / "README.md"
 NEXT = "0.33.0"
 CATALOGUE = ["fair_share", "scheduler_trace", "shortest_prompt_first"]
@@ -116,13 +121,23 @@ def patch_dir(tmp_path: Path) -> Path:
     return directory
 
 
-def _doctor(*args: str, env: dict[str, str] | None = None, patch_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _environ(env: dict[str, str] | None, patch_dir: Path | None) -> dict[str, str]:
     environ = {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_CUSTOM_PATCHES", "VLLM_PLUGINS"))}
     environ["VLLM_CUSTOM_PATCHES_TRACE_FILE"] = os.devnull  # scheduler_trace's required setting
     if patch_dir is not None:
         environ["VLLM_CUSTOM_PATCHES_PATH"] = str(patch_dir)
     environ.update(env or {})
-    return subprocess.run([CLI, *args], capture_output=True, text=True, env=environ, timeout=300)
+    return environ
+
+
+def _doctor(*args: str, env: dict[str, str] | None = None, patch_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``vllm-custom-patches ARGS`` run by the command's ``main()`` in this process: exit code, stdout, stderr."""
+    return run_cli(args, _environ(env, patch_dir))
+
+
+def _console(*args: str, env: dict[str, str] | None = None, patch_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """The installed console script in a subprocess (it imports vLLM: about 10 s)."""
+    return subprocess.run([CLI, *args], capture_output=True, text=True, env=_environ(env, patch_dir), timeout=300)
 
 
 def _findings(result: subprocess.CompletedProcess[str]) -> list[dict[str, str]]:
@@ -170,8 +185,8 @@ def test_the_setup_checks_name_the_vllm_plugins_pitfalls_and_bad_settings(patch_
     assert result.returncode == 1 and "Did you mean 'FirstWrapper'?" in result.stdout
     result = _doctor("doctor", env={"VLLM_CUSTOM_PATCHES": "-a"})
     assert result.returncode == 2 and "VLLM_CUSTOM_PATCHES" in result.stderr
-    result = _doctor("doctor", "--vllm-source", "/no/such/dir")
-    assert result.returncode == 2 and "does not exist" in result.stderr
+    result = _console("doctor", "--vllm-source", "/no/such/dir")  # what the user runs: one line, no traceback
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
 
 
 def test_against_the_next_vllm_read_statically_a_moved_member_is_an_error(patch_dir: Path) -> None:
@@ -187,15 +202,14 @@ def test_against_the_next_vllm_read_statically_a_moved_member_is_an_error(patch_
 
 
 def _imported_from_the_cache(args: list[str], patch_dir: Path) -> set[str]:
-    """Modules a doctor run imports from the downloaded wheel's code: none, it is only read."""
-    code = (
-        "import sys; from vllm_custom_patches._cli import main; rc = main(sys.argv[1:]); "
-        "import json; print(json.dumps(sorted(m for m, mod in sys.modules.items() "
-        f"if getattr(mod, '__file__', None) and {str(Path.home() / '.cache')!r} in mod.__file__)))"
-    )
-    environ = {**os.environ, "VLLM_CUSTOM_PATCHES_PATH": str(patch_dir)}
-    out = subprocess.run([sys.executable, "-c", code, *args, "--json"], capture_output=True, text=True, env=environ, timeout=300)
-    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+    """Modules imported from the downloaded wheel's code after a doctor run: none, it is only read."""
+    from vllm_custom_patches._static import wheel_cache_dir
+
+    result = _doctor(*args, "--json", patch_dir=patch_dir)
+    assert result.returncode in (0, 1), result.stderr
+    with mock.patch.dict(os.environ, _environ(None, patch_dir), clear=True):
+        cache = str(wheel_cache_dir())  # where that run read the wheel from
+    return {m for m, mod in list(sys.modules.items()) if cache in (getattr(mod, "__file__", None) or "")}
 
 
 def test_a_changed_original_is_a_warning_with_its_diff_and_an_error_once_locked(patch_dir: Path) -> None:
@@ -224,7 +238,7 @@ def test_a_changed_original_is_a_warning_with_its_diff_and_an_error_once_locked(
 
 
 def test_the_readme_compatibility_matrix_is_what_doctor_finds() -> None:
-    result = _doctor("doctor", *CATALOGUE, "--matrix", f"0.32.0,{NEXT}")
+    result = _console("doctor", *CATALOGUE, "--matrix", f"0.32.0,{NEXT}")  # the command the README gives
     assert result.returncode == 0, result.stdout + result.stderr  # no errors: the gates (<0.34) agree
     table = result.stdout.strip()
     assert table.splitlines()[0] == f"| patch | vLLM 0.32.0 | vLLM {NEXT} |"

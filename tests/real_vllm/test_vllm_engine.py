@@ -1,12 +1,14 @@
-"""The catalogue patches in real vLLM engines on the tiny model (slow: tens of seconds each).
+"""The catalogue patches in a real in-process vLLM engine on the tiny model (slow: tens of seconds).
 
-Every engine admits one request at a time (``max_num_seqs=1``), so the order
-requests finish in is the order the scheduler admitted them.
+The engine admits one request at a time (``max_num_seqs=1``), so the order
+requests finish in is the order the scheduler admitted them; every request of
+a phase is added before its first step, so all of them wait together.  (The
+multiprocess engine, patches enabled by the environment only, is
+tests/real_vllm/test_vllm_testing_kit.py's.)
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import pytest
@@ -89,27 +91,3 @@ def test_in_process_trace_is_written_by_this_process(in_process: dict[str, Any])
     for line in trace:
         assert sum(line["tokens"].values()) == line["total_tokens"]
         assert line["scheduled"] == line["new"] + [r for r in line["scheduled"] if r not in line["new"]]
-
-
-def test_multiprocess_engine_enabled_by_env_only_traces_in_the_engine_core(vllm_workspace: Any) -> None:
-    workdir = vllm_workspace.dir("engine-multiprocess")
-    trace_file = workdir / "trace.jsonl"
-    spec = {"model": str(vllm_workspace.model), "phases": [{"name": "mp", "requests": SPF_SPEC}]}
-    env = vllm_workspace.env(
-        VLLM_CUSTOM_PATCHES="shortest_prompt_first,scheduler_trace",
-        VLLM_CUSTOM_PATCHES_TRACE_FILE=str(trace_file),
-    )
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # vLLM's default: EngineCore and worker processes
-    result = run_child("engine", spec, env, workdir)
-    trace = read_trace(trace_file)
-
-    engine_cores = [p["pid"] for p in result["processes"] if "EngineCore" in p["name"] + p["cmdline"]]
-    assert len(engine_cores) == 1, result["processes"]
-    assert trace, "the EngineCore wrote no trace"
-    assert {line["pid"] for line in trace} == set(engine_cores)
-    assert result["pid"] not in engine_cores and os.getpid() not in engine_cores
-    # The policy ran there too, enabled by nothing but the environment.  (The
-    # others must have queued behind "head" while it decoded: waiting == 4.)
-    assert max(line["waiting"] for line in trace) == len(SPF_REQUESTS) - 1, trace[:3]
-    assert result["phases"]["mp"]["finished"] == SHORTEST_FIRST
-    assert admitted(trace, "mp:") == SHORTEST_FIRST

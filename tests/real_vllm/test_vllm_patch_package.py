@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _inprocess import run_cli
 from conftest import VllmWorkspace
 
 pytestmark = pytest.mark.vllm
@@ -55,13 +56,7 @@ def test_the_entry_point_is_visible_in_the_group() -> None:
 
 
 def test_list_shows_the_patch_from_its_distribution(vllm_workspace: VllmWorkspace) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "vllm_custom_patches", "list", "--json"],
-        capture_output=True,
-        text=True,
-        env=vllm_workspace.env(),
-        timeout=180,
-    )
+    done = run_cli(["list", "--json"], vllm_workspace.env())  # in this process: one vLLM import for all such tests
     assert done.returncode == 0, done.stdout + done.stderr
     rows = {row["name"]: row for row in json.loads(done.stdout)["patches"]}
     row = rows[PATCH]

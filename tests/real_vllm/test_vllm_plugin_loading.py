@@ -37,7 +37,7 @@ def results(vllm_workspace: Any) -> dict[str, dict[str, Any]]:
         if settings.get("trace"):
             extra["VLLM_CUSTOM_PATCHES_TRACE_FILE"] = str(workdir / "trace.jsonl")
         children[case] = start_child("plugins", {}, vllm_workspace.env(**extra), workdir)
-    return {case: child.result(timeout=240) for case, child in children.items()}
+    return {case: child.result(timeout=600) for case, child in children.items()}
 
 
 def test_named_patches_wait_for_the_scheduler_module_then_apply(results: dict[str, dict[str, Any]]) -> None:

@@ -182,7 +182,7 @@ def test_strict_a_patch_failing_in_the_engine_core_fails_engine_start_up(vllm_wo
     spec = {"model": str(vllm_workspace.model), "phases": [{"name": "never", "requests": SPEC_REQUESTS}]}
     child: Child = start_child("engine", spec, env, workdir)
     with pytest.raises(ChildFailed) as failed:
-        child.result(timeout=240)  # on timeout it stops the child's session and says "timed out"
+        child.result(timeout=600)  # on timeout it stops the child's session and says "timed out"
     assert "timed out" not in str(failed.value), failed.value
     assert child.proc.returncode not in (0, None)
     assert not (workdir / "result.json").exists()
@@ -219,7 +219,7 @@ def test_non_strict_the_engine_serves_and_the_engine_core_logs_the_failed_patch(
     workdir = vllm_workspace.dir("process-failure-lax")
     env = _engine_env(vllm_workspace, workdir, VLLM_CUSTOM_PATCHES_STRICT="0")
     spec = {"model": str(vllm_workspace.model), "phases": [{"name": "served", "requests": SPEC_REQUESTS}]}
-    result = run_child("engine", spec, env, workdir, timeout=240)
+    result = run_child("engine", spec, env, workdir, timeout=600)
 
     # Served normally.
     served = result["phases"]["served"]

@@ -10,12 +10,14 @@ with the ``openai`` client; the last test stops it.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from _engine import Server, start_server, stop_server, user_id
+from _engine import Server, start_server, stop_server, tail, user_id
 from vllm_custom_patches_catalogue.scheduler_trace import read_trace
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -53,7 +55,7 @@ def _descendants(pid: int) -> dict[int, str]:
     return found
 
 
-def _wait_for_trace(server: Server, internal_prefix: str, timeout: float = 10) -> list[dict[str, Any]]:
+def _wait_for_trace(server: Server, internal_prefix: str, timeout: float = 60) -> list[dict[str, Any]]:
     deadline = time.monotonic() + timeout
     while True:
         assert server.trace is not None
@@ -130,15 +132,27 @@ def test_concurrent_clients_of_two_tenants_are_all_served(server: Server) -> Non
         assert any(rid.startswith(completion.id) for rid in served)
 
 
-def test_sigterm_stops_the_server_and_its_engine(server: Server) -> None:
+def _running(pid: int) -> bool:
     import psutil
 
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.Error:
+        return False
+
+
+def test_sigterm_stops_the_server_and_its_engine(server: Server) -> None:
     children = _descendants(server.proc.pid)
     assert any("EngineCore" in text for text in children.values())
-    took = stop_server(server)
+    # SIGTERM to the server's pid alone, as an orchestrator sends it; nothing else is signalled
+    # until the server and every process it started are gone (the bounds only guard against a hang).
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        server.proc.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the server was still running 120 s after SIGTERM:\n{tail(server.log)}")
     assert server.proc.returncode is not None
-    assert took < 30, f"the server needed {took:.1f}s to stop"
-    deadline = time.monotonic() + 10
-    while any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in children):
-        assert time.monotonic() < deadline, f"still running after the server stopped: {children}"
+    deadline = time.monotonic() + 60
+    while left := {pid: text for pid, text in children.items() if _running(pid)}:
+        assert time.monotonic() < deadline, f"still running 60 s after the server stopped: {left}"
         time.sleep(0.2)
