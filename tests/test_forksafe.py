@@ -40,6 +40,7 @@ LOCKS: dict[str, Callable[[], Any]] = {
     "the registry's (PatchManager)": _registry_lock,
     "_activation._waiting_lock": _module_lock("_activation", "_waiting_lock"),
     "_control._lock": _module_lock("_control", "_lock"),
+    "_control._replays._lock": lambda: _module_lock("_control", "_replays")()._lock,
     "_switch._unsettled_lock": _module_lock("_switch", "_unsettled_lock"),
     "_metrics._lock": _module_lock("_metrics", "_lock"),
     "plugin._lock": _module_lock("plugin", "_lock"),  # replaced by plugin.py's own handler

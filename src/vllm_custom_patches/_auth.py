@@ -20,11 +20,11 @@ import hashlib
 import hmac
 import json
 import os
-import threading
 import time
 from collections.abc import Mapping
 
 from ._env import ENV_CONTROL_TOKEN
+from ._forksafe import ForkSafeLock
 
 __all__ = ["MAX_AGE_S", "MIN_TOKEN_LENGTH", "Replays", "control_token", "sign", "token_problem", "verify"]
 
@@ -90,7 +90,7 @@ class Replays:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()  # vLLM forks its workers; a lock held then must not stay held
         self._seen: dict[tuple[str, ...], int] = {}
 
     def first_time(self, key: tuple[str, ...], issued: int, now: float) -> bool:
