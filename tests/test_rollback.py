@@ -137,7 +137,8 @@ def test_rollback_all_goes_in_reverse_order() -> None:
             return 2
 
     class P3(VLLMPatch[Target]):
-        def cm(self) -> str:
+        @classmethod
+        def cm(cls) -> str:
             return "3"
 
     before_target, before_other = snapshot_namespace(Target), snapshot_namespace(Other)

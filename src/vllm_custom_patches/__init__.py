@@ -28,6 +28,7 @@ if TYPE_CHECKING:
         PatchVersionError,
         UnknownPatchError,
     )
+    from ._kinds import changes_kind
     from ._manager import PatchManager
     from ._patch import VLLMPatch
     from ._status import PatchState, PatchStatus
@@ -49,6 +50,7 @@ __all__ = [
     "UnknownPatchError",
     "VLLMPatch",
     "VLLMVersion",
+    "changes_kind",
     "detect_vllm_version",
     "max_vllm_version",
     "min_vllm_version",
@@ -77,6 +79,7 @@ _HOMES = {
     "PatchState": "_status",
     "PatchStatus": "_status",
     "VLLMPatch": "_patch",
+    "changes_kind": "_kinds",
     **dict.fromkeys(
         ("VLLMVersion", "detect_vllm_version", "max_vllm_version", "min_vllm_version", "vllm_versions"), "_versions"
     ),

@@ -5,9 +5,11 @@ against one that is not installed (see ``_vllm_views``):
 
 * the setup: the general plugin installed and not filtered out by
   ``VLLM_PLUGINS``, the selection parses, names are known, the vLLM version;
-* per patch: its gate, its target, each overridden member present, the
-  override accepting every call the original accepts, its ``_original_``
-  references, conflicts between the selected patches;
+* per patch: its gate, its target, each overridden member present and of
+  the original's kind (method, static or class method, property, plain
+  attribute: ``_kinds``), the override accepting every call the original
+  accepts, its ``_original_`` references, conflicts between the selected
+  patches;
 * against a baseline (the patch's lock for the members its author locked,
   the installed vLLM for the others): a
   member that *moved* (defined in the target on one side, inherited on the
@@ -16,7 +18,8 @@ against one that is not installed (see ``_vllm_views``):
 * reach: subclasses in the target's package that override a patched member
   without calling ``super()`` (their instances never run the patch).
 
-Errors: missing target or member, incompatible signature, unresolvable
+Errors: missing target or member, a changed kind not marked
+``@changes_kind``, incompatible signature, unresolvable
 ``_original_`` reference, conflict, a move, a locked member's changed code,
 a subclass that overrides a patched member without reaching it, a gate that
 excludes the version of a patch selected by name.
@@ -33,6 +36,7 @@ from typing import Any
 
 from ._fingerprint import fingerprint, read_lock
 from ._graft import is_override_marked
+from ._kinds import describe_change, describe_kind, kind_change, member_kind
 from ._patch import VLLMPatch
 from ._targets import target_label
 from ._vllm_views import InstalledView, Original, TargetNotFound, View, function_signature
@@ -47,7 +51,7 @@ class Finding:
     severity: str
     """``error``, ``warning`` or ``info``."""
     check: str
-    """plugin, setting, version, gate, target, member, signature, conflict, moved, drift, reach, apply."""
+    """plugin, setting, version, gate, target, member, kind, signature, conflict, moved, drift, reach, apply."""
     message: str
     patch: str = ""
     member: str = ""
@@ -189,8 +193,19 @@ def _check_member(patch: str, member_name: str, member: object, original: Origin
     from ._signatures import describe, gained_parameters, incompatibilities
 
     out = []
+    mine = member_kind(member, member_name)
+    changed = original.kind is not None and mine is not None and mine != original.kind
+    change = kind_change(original.kind, member, member_name)
+    if change is not None:
+        out.append(Finding("error", "kind", describe_change(member_name, original.defined_in, change), patch, member_name))
+    elif changed:
+        assert original.kind is not None and mine is not None
+        out.append(Finding("info", "kind", f"{member_name!r} is {describe_kind(mine)} in the patch and "
+                           f"{describe_kind(original.kind)} in {original.defined_in}: marked @changes_kind, so every "
+                           "caller must call it the new way", patch, member_name))  # fmt: skip
     override_sig = function_signature(member)
-    if original.signature is not None and override_sig is not None:
+    # Two kinds are called differently: their signatures do not compare.
+    if original.signature is not None and override_sig is not None and not changed:
         problems = incompatibilities(original.signature, override_sig)
         gained = gained_parameters(ref.signature, original.signature) if ref and ref.signature else []
         note = f" (new since {ref.label}: {', '.join(gained)})" if gained and ref else ""

@@ -12,6 +12,7 @@ from ._abcs import refresh_abc_state
 from ._errors import PatchApplyError, PatchConflictError, PatchError, PatchVersionError
 from ._graft import MISSING, ORIGINAL_PREFIX, Transaction, rebind, restore
 from ._inflight import Lingering, codes_of, threads_running
+from ._live import check_live_instances
 from ._log import logger
 from ._planning import check_conflicts, plan_apply
 from ._registry import REGISTRY, Applied
@@ -26,8 +27,13 @@ if TYPE_CHECKING:
 __all__ = ["apply", "rollback", "rollback_all"]
 
 
-def apply(patch_cls: type[VLLMPatch[Any]]) -> bool:
-    """Apply a patch class; ``True`` if applied now, ``False`` if it already was (see PatchManager.apply)."""
+def apply(patch_cls: type[VLLMPatch[Any]], *, live_check: bool = True) -> bool:
+    """Apply a patch class; ``True`` if applied now, ``False`` if it already was (see PatchManager.apply).
+
+    ``live_check=False`` only where no instance of the target can exist yet
+    (the post-import hook): the patch's ``check_live`` is then not run and
+    the heap is not walked.
+    """
     spec = patch_cls._vcp_spec
     reg = REGISTRY
     with reg.lock:
@@ -47,7 +53,7 @@ def apply(patch_cls: type[VLLMPatch[Any]]) -> bool:
         with reg.lock:
             if spec.name in reg.applied:
                 return False
-            record = _graft(patch_cls, spec, target)
+            record = _graft(patch_cls, spec, target, live_check)
             reg.applied[spec.name] = record
             owners = reg.owners.setdefault(target, {})
             for change in record.changes:
@@ -141,9 +147,13 @@ def rollback_all() -> list[str]:
     return done
 
 
-def _graft(patch_cls: type[VLLMPatch[Any]], spec: PatchSpec, target: type) -> Applied:
+def _graft(patch_cls: type[VLLMPatch[Any]], spec: PatchSpec, target: type, live_check: bool) -> Applied:
     plan = plan_apply(spec, target)
     check_conflicts(REGISTRY, spec, target, plan)
+    if live_check:
+        # Last of the checks (it walks the heap), and before any change: a
+        # refusal leaves nothing to undo, and no call ever ran the patch.
+        check_live_instances(patch_cls, spec, target)
     originals = dict(plan.overrides)
     tx = Transaction(target)
     # Each original goes in before its replacement, so a thread calling the

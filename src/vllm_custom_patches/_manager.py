@@ -59,7 +59,9 @@ class PatchManager:
 
         Returns ``True`` if it was applied now and ``False`` if it already was.
         Raises a :class:`PatchError` subclass if it cannot be applied; the
-        target is then exactly as it was.
+        target is then exactly as it was.  A patch that defines
+        ``check_live`` has it called on every live instance of its target
+        first (see :meth:`VLLMPatch.check_live`); it may refuse the apply.
         """
         return _ledger.apply(cls._resolve(patch))
 
@@ -136,6 +138,16 @@ class PatchManager:
         if isinstance(patch, type) and isinstance(vars(patch).get("_vcp_spec"), PatchSpec):
             return patch
         raise UnknownPatchError(f"{patch!r} is neither a patch name nor a patch class.")
+
+    @classmethod
+    def _apply_on_import(cls, patch: PatchRef) -> bool:
+        """:meth:`apply` for the post-import hook, the moment the target's module was imported.
+
+        Nothing can have been built from the target yet, so the patch's
+        ``check_live`` has nothing to check, and the heap is not walked to
+        find out at each process's start-up.
+        """
+        return _ledger.apply(cls._resolve(patch), live_check=False)
 
     @classmethod
     def _set_outcome(cls, name: str, state: PatchState, reason: str) -> None:

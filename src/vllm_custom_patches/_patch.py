@@ -46,11 +46,14 @@ class VLLMPatch(Generic[_T], metaclass=_PatchMeta):
     imported only when the patch is applied.  The optional class attribute
     ``name`` names the patch (default: the class name); the docstring is its
     description.  The names ``name``, ``apply``, ``rollback``, ``is_applied``
-    and ``original`` are the framework's and cannot be grafted.
+    and ``original`` are the framework's and cannot be grafted.  The class
+    method ``check_live``, if the patch defines it, is its live check (see
+    :meth:`check_live`) and is not grafted either.
     """
 
     name: ClassVar[str]
     _vcp_spec: ClassVar[PatchSpec]
+    _vcp_checks_live: ClassVar[bool] = False
     _vcp_gate: ClassVar[SpecifierSet | None] = None
     _vcp_target: ClassVar[TargetSpec]
 
@@ -80,7 +83,38 @@ class VLLMPatch(Generic[_T], metaclass=_PatchMeta):
             )
         cls._vcp_spec = build_spec(cls, _NEVER_GRAFTED)
         cls.name = cls._vcp_spec.name
+        cls._vcp_checks_live = cls.check_live.__func__ is not VLLMPatch.check_live.__func__  # type: ignore[attr-defined]
         REGISTRY.register(cls)
+
+    @classmethod
+    def check_live(cls, instance: Any) -> None:
+        """The patch's live check: raise to refuse being applied where ``instance`` lives.
+
+        A patch whose methods rely on state that the target's ``__init__``
+        makes, or on how the instance was configured, defines this class
+        method (``@classmethod def check_live(cls, instance)``).  Applying the
+        patch in a running process (``PatchManager.apply``, ``MyPatch.apply()``,
+        the kill switch's ``POST /custom_patches/{name}/apply``) calls it once
+        for every instance of the target, and of its subclasses, that exists
+        in this process then, before anything is changed.  If it raises, the
+        apply is refused and the target is left exactly as it was; the kill
+        switch then undoes the apply in every process and answers 409 with the
+        message.  Raise :class:`~vllm_custom_patches.PatchConfigError` (or
+        another ``PatchError``) naming the patch, the problem and the fix; any
+        other exception is taken as a fault of the check and refuses the apply
+        as a ``PatchApplyError``.
+
+        Instances made later are not its business: a patch that must refuse
+        them too wraps ``__init__`` (the catalogue's policies do both, with one
+        helper).  It is not called when nothing exists to check: at a vLLM
+        process's start-up the plugin applies a pending patch the moment its
+        target's module is imported, before any instance can exist, and no
+        instance is looked for then.  Finding the instances walks the heap
+        (about 0.1 s in a vLLM engine core), so only patches that define a
+        check pay for it, once per apply.  The check runs under the
+        framework's lock: it must not wait for other threads.  The default
+        accepts everything.
+        """
 
     @classmethod
     def apply(cls) -> bool:

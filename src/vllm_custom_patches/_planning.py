@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from ._errors import PatchConflictError, PatchTargetError
 from ._graft import ORIGINAL_PREFIX, descendants, is_override_marked, mro_lookup
+from ._kinds import describe_change, kind_change, member_kind
 from ._registry import Registry
 from ._spec import PatchSpec
 
@@ -26,7 +27,9 @@ class Plan:
 
 
 def plan_apply(spec: PatchSpec, target: type) -> Plan:
-    """Where each member of the patch meets ``target``; refuses what cannot be rolled back exactly."""
+    """Where each member of the patch meets ``target``; refuses what cannot be rolled back exactly,
+    and a member whose kind (method, static or class method, property, plain attribute) differs
+    from the original's unless the patch marks it ``@changes_kind``."""
     plan = Plan()
     for name, member in spec.members.items():
         found = mro_lookup(target, name)
@@ -45,6 +48,9 @@ def plan_apply(spec: PatchSpec, target: type) -> Plan:
             plan.additions.append(name)
             continue
         holder, original = found
+        change = kind_change(member_kind(original, name), member, name)
+        if change is not None:
+            raise PatchTargetError(f"patch {spec.name!r}: " + describe_change(name, holder.__qualname__, change))
         if name == "__new__" and original is object.__new__:
             # Deleting __new__ again does not restore CPython's tp_new slot:
             # after rollback ``Target(arg)`` would raise "object.__new__()

@@ -14,7 +14,7 @@ from ._errors import PatchDefinitionError
 from ._graft import MISSING, ORIGINAL_PREFIX, attribute_names, functions_of
 from ._targets import TargetSpec, target_label
 
-__all__ = ["PATCH_NAME", "RESERVED", "PatchSpec", "build_spec"]
+__all__ = ["HOOKS", "PATCH_NAME", "RESERVED", "PatchSpec", "build_spec"]
 
 # Entries Python itself puts in a class namespace; never grafted.
 _CLASS_MACHINERY = frozenset(
@@ -36,6 +36,8 @@ _CLASS_MACHINERY = frozenset(
 )
 # The framework's own class-level API; a member of that name would shadow it.
 RESERVED = frozenset({"name", "apply", "rollback", "is_applied", "original"})
+# Class methods a patch may define for the framework to call; never grafted.
+HOOKS = frozenset({"check_live"})
 PATCH_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 
@@ -76,6 +78,7 @@ def _written_members(klass: type, name: str) -> dict[str, object]:
         key: value
         for key, value in namespace.items()
         if key in written and key not in _CLASS_MACHINERY and not key.startswith("_vcp_") and key != "name"
+        and key not in HOOKS
     }
 
 
@@ -96,6 +99,12 @@ def build_spec(cls: type, never_grafted: frozenset[type]) -> PatchSpec:
         if klass in never_grafted or "_vcp_binding" in vars(klass):
             continue
         members.update(_written_members(klass, name))
+        for hook in HOOKS & vars(klass).keys():
+            if not isinstance(vars(klass)[hook], classmethod):
+                raise PatchDefinitionError(
+                    f"patch {name!r}: {klass.__qualname__}.{hook} is the framework's hook and must be a "
+                    f"class method: write '@classmethod' above 'def {hook}(cls, instance)'."
+                )
     for key in members:
         if key in RESERVED:
             raise PatchDefinitionError(

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ._graft import descendants, functions_of, mro_lookup
+from ._kinds import member_kind, static_kind
 from ._targets import TargetSpec, module_of, resolve_target, target_label
 
 __all__ = ["InstalledView", "Original", "StaticView", "SubclassOverride", "TargetNotFound", "View", "function_signature"]
@@ -41,6 +42,8 @@ class Original:
     """Defined in the target itself (not inherited)."""
     signature: inspect.Signature | None
     source: str | None
+    kind: str | None = None
+    """How it is called (``_kinds``: method, static method, ...); ``None``: cannot tell."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +117,8 @@ class InstalledView:
         if found is None or found[0] is object:
             return None
         holder, raw = found
-        return Original(name, f"{holder.__module__}:{holder.__qualname__}", holder is cls, function_signature(raw), _source(raw))
+        return Original(name, f"{holder.__module__}:{holder.__qualname__}", holder is cls, function_signature(raw),
+                        _source(raw), member_kind(raw, name))  # fmt: skip
 
     def subclass_overrides(self, target: TargetSpec, patch: str, names: set[str]) -> list[SubclassOverride]:
         cls = self._target(target, patch)
@@ -169,7 +173,8 @@ class StaticView:
             if isinstance(member.node, (ast.FunctionDef, ast.AsyncFunctionDef)) and member.kind != "property"
             else None
         )
-        return Original(name, f"{holder.module}:{holder.qualname}", holder is cls or holder == cls, signature, member.source)
+        return Original(name, f"{holder.module}:{holder.qualname}", holder is cls or holder == cls, signature,
+                        member.source, static_kind(member.kind, member.node, name))  # fmt: skip
 
     def subclass_overrides(self, target: TargetSpec, patch: str, names: set[str]) -> list[SubclassOverride]:
         cls = self._target(target)

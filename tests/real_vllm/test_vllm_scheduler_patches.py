@@ -197,3 +197,87 @@ def test_the_policies_refuse_a_priority_queue() -> None:
     prio = SimpleNamespace(waiting=create_request_queue(SchedulingPolicy.PRIORITY), policy=SchedulingPolicy.PRIORITY)
     with pytest.raises(PatchConfigError, match="'priority'.*--scheduling-policy fcfs"):
         require_fcfs_queue(prio, "shortest_prompt_first")
+
+
+# -- a live apply meets the schedulers that already run -------------------------------
+
+
+def _real_scheduler(directory: Path, policy: str, cls: Any = None) -> Any:
+    """A real vLLM Scheduler (or AsyncScheduler) as EngineCore builds one, on the tiny model; no engine."""
+    import torch
+    from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    from vllm_custom_patches.testing import write_tiny_model
+
+    model = ModelConfig(model=str(write_tiny_model(directory)), skip_tokenizer_init=True, max_model_len=128, dtype="float32")
+    cache = CacheConfig(block_size=16, cache_dtype="auto", enable_prefix_caching=False)  # its requests carry no block hashes
+    cache.num_gpu_blocks = 64
+    config = VllmConfig(
+        model_config=model,
+        cache_config=cache,
+        scheduler_config=SchedulerConfig(
+            max_num_seqs=4, max_num_batched_tokens=128, max_model_len=128, policy=policy, is_encoder_decoder=False
+        ),
+    )
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32)
+    kv_cache = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)])
+    return (cls or Scheduler)(
+        vllm_config=config, kv_cache_config=kv_cache, structured_output_manager=StructuredOutputManager(config), block_size=16
+    )
+
+
+@pytest.mark.parametrize("name", ["shortest_prompt_first", "fair_share"])
+def test_a_live_apply_to_a_running_priority_scheduler_is_refused_and_it_keeps_scheduling(
+    classes: tuple[type, type], tmp_path: Path, name: str
+) -> None:
+    import gc
+
+    scheduler_cls, async_cls = classes
+    running = _real_scheduler(tmp_path, "priority", async_cls)  # the class vLLM instantiates by default
+    running.add_request(_request("r1", 8))
+    before, before_async = snapshot_namespace(scheduler_cls), snapshot_namespace(async_cls)
+    gc.freeze()  # as EngineCore does once it is built: the scheduler is then invisible to gc's walks
+    try:
+        with pytest.raises(PatchConfigError, match=r"scheduling policy 'priority'.*--scheduling-policy fcfs"):
+            PatchManager.apply(name)
+    finally:
+        gc.unfreeze()
+    before.assert_unchanged()
+    before_async.assert_unchanged()
+    assert not PatchManager.is_applied(name)
+    # Refused, so the engine's next step is vLLM's own, and it schedules.
+    assert running.schedule().total_num_scheduled_tokens == 8
+
+
+@pytest.mark.parametrize("name", ["shortest_prompt_first", "fair_share"])
+def test_a_live_apply_to_a_running_fcfs_scheduler_is_accepted_and_schedules(
+    classes: tuple[type, type], tmp_path: Path, name: str
+) -> None:
+    scheduler_cls, _ = classes
+    running = _real_scheduler(tmp_path, "fcfs")
+    queue = running.waiting
+    for request_id, length in (("long", 40), ("short", 4)):
+        running.add_request(_request(request_id, length))
+    before = snapshot_namespace(scheduler_cls)
+    assert PatchManager.apply(name) is True
+    try:
+        output = running.schedule()  # the patched schedule on a scheduler built before the patch
+        assert output.total_num_scheduled_tokens == 44 and running.waiting is queue
+        admitted = [new.req_id for new in output.scheduled_new_reqs]
+        assert admitted == (["short", "long"] if name == "shortest_prompt_first" else ["long", "short"])
+    finally:
+        PatchManager.rollback(name)
+    before.assert_unchanged()
+
+
+def test_the_policies_schedule_without_judging_the_configuration_per_step(classes: tuple[type, type]) -> None:
+    # Configuration is refused at start-up (__init__) and at a live apply (check_live); schedule() never raises for it.
+    import inspect
+
+    for patch in (shortest_prompt_first.ShortestPromptFirst, fair_share.FairShare):
+        body = inspect.getsource(patch._vcp_spec.members["schedule"])  # type: ignore[arg-type]
+        assert "require_fcfs_queue" not in body and "raise" not in body
+        assert patch._vcp_checks_live and "check_live" not in patch._vcp_spec.members
