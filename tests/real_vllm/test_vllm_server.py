@@ -30,6 +30,7 @@ def server(vllm_workspace: Any) -> Iterator[Server]:
         VLLM_CUSTOM_PATCHES="fair_share,scheduler_trace",
         VLLM_CUSTOM_PATCHES_TRACE_FILE=str(workdir / "trace.jsonl"),
         VLLM_CUSTOM_PATCHES_FAIR_SHARE_WEIGHTS="alice=2,bob=1",
+        VLLM_SERVER_DEV_MODE="1",  # vLLM's dev routes: POST /collective_rpc calls any worker method, no token
     )
     # --fail-on-environ-validation: vLLM refuses unknown VLLM_* variables, and the plugin
     # declares its own (and the catalogue's) before vLLM validates.
@@ -139,6 +140,27 @@ def _running(pid: int) -> bool:
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.Error:
         return False
+
+
+def test_without_a_control_token_no_process_has_the_control_method(server: Server) -> None:
+    import json
+
+    import openai
+    from _server import request
+
+    from vllm_custom_patches._agent import CONTROL_METHOD
+
+    url, headers = f"http://127.0.0.1:{server.port}/collective_rpc", {"Content-Type": "application/json"}
+    code, answer = request(url, data=json.dumps({"method": "check_health"}).encode(), headers=headers)
+    assert code == 200 and answer == {"results": [None]}, (code, answer)  # dev mode: the route reaches the worker
+    for args in (["rollback", "scheduler_trace", "op-1", "attacker"], ["apply", "fair_share", "op-2", "attacker"]):
+        code, answer = request(url, data=json.dumps({"method": CONTROL_METHOD, "args": args}).encode(), headers=headers)
+        assert code >= 400 and CONTROL_METHOD in str(answer), (code, answer)  # no such method: the switch is off
+
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=60)
+    completion = client.completions.create(model=server.model, prompt="Still traced", max_tokens=2, temperature=0)
+    trace = _wait_for_trace(server, completion.id)
+    assert any(user_id(rid).startswith(completion.id) for line in trace for rid in line["new"])  # patches untouched
 
 
 def test_sigterm_stops_the_server_and_its_engine(server: Server) -> None:
