@@ -1,4 +1,4 @@
-"""What runs inside each fresh interpreter of the start-up benchmark (and of tests/test_startup_guard.py).
+"""What runs inside each fresh interpreter of the start-up benchmark (and of tests/runtime/test_startup_guard.py).
 
 Run as ``python -P benchmarks/_startup_child.py MODE [--entry-point NAME=VALUE] [--import-targets M,...]``
 (``-P``: the script's folder is not put on ``sys.path``, so every child scans the
@@ -114,7 +114,7 @@ def main(argv: list[str]) -> dict[str, object]:
         vllm_modules_imported_by_register=_vllm_modules(new),
         vllm_modules_loaded_at_end=_vllm_modules(sys.modules),
         imported_by_register={
-            name: name in new for name in ("importlib_metadata", "packaging", "wrapt", "vllm_custom_patches._activation")
+            name: name in new for name in ("importlib_metadata", "packaging", "wrapt", "vllm_custom_patches._runtime.activation")
         },
     )
     targets = _arg(argv, "--import-targets")
@@ -126,9 +126,9 @@ def main(argv: list[str]) -> dict[str, object]:
             importlib.import_module(module)
         t7 = clock()
         result["import_targets_s"] = t7 - t6
-    if "vllm_custom_patches._versions" in sys.modules:
+    if "vllm_custom_patches._core.versions" in sys.modules:
         # How much of the step a version gate's detection was (repeated now, so warm; informative only).
-        from vllm_custom_patches._versions import _installed_vllm_version
+        from vllm_custom_patches._core.versions import _installed_vllm_version
 
         _installed_vllm_version.cache_clear()
         t8 = clock()

@@ -17,7 +17,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from ._errors import (
+    from ._core.errors import (
         PatchApplyError,
         PatchConfigError,
         PatchConflictError,
@@ -28,11 +28,11 @@ if TYPE_CHECKING:
         PatchVersionError,
         UnknownPatchError,
     )
-    from ._kinds import changes_kind
-    from ._manager import PatchManager
-    from ._patch import VLLMPatch
-    from ._status import PatchState, PatchStatus
-    from ._versions import VLLMVersion, detect_vllm_version, max_vllm_version, min_vllm_version, vllm_versions
+    from ._core.kinds import changes_kind
+    from ._core.manager import PatchManager
+    from ._core.patch import VLLMPatch
+    from ._core.status import PatchState, PatchStatus
+    from ._core.versions import VLLMVersion, detect_vllm_version, max_vllm_version, min_vllm_version, vllm_versions
 del TYPE_CHECKING
 
 __all__ = [
@@ -73,15 +73,15 @@ _HOMES = {
             "PatchVersionError",
             "UnknownPatchError",
         ),
-        "_errors",
+        "_core.errors",
     ),
-    "PatchManager": "_manager",
-    "PatchState": "_status",
-    "PatchStatus": "_status",
-    "VLLMPatch": "_patch",
-    "changes_kind": "_kinds",
+    "PatchManager": "_core.manager",
+    "PatchState": "_core.status",
+    "PatchStatus": "_core.status",
+    "VLLMPatch": "_core.patch",
+    "changes_kind": "_core.kinds",
     **dict.fromkeys(
-        ("VLLMVersion", "detect_vllm_version", "max_vllm_version", "min_vllm_version", "vllm_versions"), "_versions"
+        ("VLLMVersion", "detect_vllm_version", "max_vllm_version", "min_vllm_version", "vllm_versions"), "_core.versions"
     ),
 }
 

@@ -67,7 +67,7 @@ class CustomPatchesEndpoint:
     required_tasks = None  # every server, generate or pooling; a render server has no engine
 
     def __init__(self, clock: "Callable[[], float]" = time.monotonic) -> None:
-        from ._fleet import SharedCollection
+        from ._ops.fleet import SharedCollection
 
         self._engine_client: Any = None
         self._status = SharedCollection(self._collect, clock=clock)
@@ -115,9 +115,9 @@ class CustomPatchesEndpoint:
         return any([hmac.compare_digest(digest, known) for known in self._api_key_hashes])
 
     async def _control(self, name: str, action: str, request: Any) -> "tuple[int, dict[str, Any]]":
-        from ._control import ACTIONS
-        from ._log import logger
-        from ._switch import HTTP_STATUS, change, known_patches, summary
+        from ._ops.control import ACTIONS
+        from ._core.log import logger
+        from ._ops.switch import HTTP_STATUS, change, known_patches, summary
 
         client = request.client
         who = f"{client.host}:{client.port}" if client else "unknown client"
@@ -156,10 +156,10 @@ class CustomPatchesEndpoint:
         return HTTP_STATUS[report["outcome"]], report
 
     async def _collect(self) -> "dict[str, Any]":
-        from ._fleet import collect
-        from ._metrics import publish
+        from ._ops.fleet import collect
+        from ._ops.metrics import publish
 
-        from ._switch import note_unsettled
+        from ._ops.switch import note_unsettled
 
         # What a failed undo left (several roles out of step) is the API server's to tell.
         report = note_unsettled(await collect(self._engine_client))
@@ -167,7 +167,7 @@ class CustomPatchesEndpoint:
         return report
 
     async def _refresh_forever(self) -> None:
-        from ._log import logger
+        from ._core.log import logger
 
         while True:
             try:
@@ -181,9 +181,9 @@ class CustomPatchesEndpoint:
 
 def _control_token_hash() -> "bytes | None":
     """The control token's hash, or None (the routes are not made) if it is unset or unusable."""
-    from ._auth import MIN_TOKEN_LENGTH, token_problem
+    from ._ops.auth import MIN_TOKEN_LENGTH, token_problem
     from ._env import ENV_CONTROL_TOKEN
-    from ._log import logger
+    from ._core.log import logger
 
     token = os.environ.get(ENV_CONTROL_TOKEN)
     if token is None or not token.strip():
@@ -199,7 +199,7 @@ def _control_token_hash() -> "bytes | None":
             MIN_TOKEN_LENGTH,
         )
         return None
-    from ._log import route_to_vllm_handler
+    from ._core.log import route_to_vllm_handler
 
     route_to_vllm_handler()
     logger.warning(

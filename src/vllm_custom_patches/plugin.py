@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 from ._env import ENV_PATCHES
 
 if TYPE_CHECKING:
-    from ._activation import Epoch
+    from ._runtime.activation import Epoch
 
 __all__ = ["register"]
 
@@ -66,26 +66,26 @@ def register() -> None:
                 raise _state.error
             return
         if "vllm.envs" in sys.modules:  # inside vLLM: checked only there, so free elsewhere
-            from ._vllm_env import declare_to_vllm
+            from ._runtime.vllm_env import declare_to_vllm
 
             declare_to_vllm(os.environ)
             # Even with nothing selected: the status endpoint must hear "nothing
             # applied" from here.  Only where vLLM's engine-core or worker class
             # is (vLLM calls this from their constructors); the API server skips it.
             if "vllm.v1.engine.core" in sys.modules or "vllm.v1.worker.worker_base" in sys.modules:
-                from ._agent import install_responders
+                from ._ops.agent import install_responders
 
                 install_responders()
         if not os.environ.get(ENV_PATCHES, "").strip():
             _state.done = True
             if "logging" in sys.modules:  # always, inside vLLM; not worth importing otherwise
-                from ._log import logger
+                from ._core.log import logger
 
                 logger.debug("vllm-custom-patches [pid %d]: %s is not set; no patch selected", os.getpid(), ENV_PATCHES)
             return
         _state.running = True
         try:
-            from ._activation import Epoch, activate
+            from ._runtime.activation import Epoch, activate
 
             _state.epoch = Epoch()
             activate(os.environ, _state.epoch)

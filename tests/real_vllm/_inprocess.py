@@ -25,7 +25,7 @@ CLI = str(Path(sys.executable).with_name("vllm-custom-patches"))
 
 
 def _forget_patch_files() -> None:
-    from vllm_custom_patches._discovery import PATH_PACKAGE
+    from vllm_custom_patches._runtime.discovery import PATH_PACKAGE
 
     for name in [m for m in sys.modules if m == PATH_PACKAGE or m.startswith(PATH_PACKAGE + ".")]:
         del sys.modules[name]
@@ -33,7 +33,7 @@ def _forget_patch_files() -> None:
 
 def run_cli(args: Sequence[str], environ: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
     """Exit code, stdout and stderr of ``vllm-custom-patches ARGS`` with exactly ``environ``."""
-    from vllm_custom_patches._cli import main
+    from vllm_custom_patches._cli.main import main
 
     out, err = io.StringIO(), io.StringIO()
     _forget_patch_files()

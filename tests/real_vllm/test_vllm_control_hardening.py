@@ -44,7 +44,7 @@ from _engine import (
 )
 from _server import complete, control, request, states, status
 
-from vllm_custom_patches._agent import CONTROL_METHOD
+from vllm_custom_patches._ops.agent import CONTROL_METHOD
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 

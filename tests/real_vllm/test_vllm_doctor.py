@@ -203,7 +203,7 @@ def test_against_the_next_vllm_read_statically_a_moved_member_is_an_error(patch_
 
 def _imported_from_the_cache(args: list[str], patch_dir: Path) -> set[str]:
     """Modules imported from the downloaded wheel's code after a doctor run: none, it is only read."""
-    from vllm_custom_patches._static import wheel_cache_dir
+    from vllm_custom_patches._upgrade.static import wheel_cache_dir
 
     result = _doctor(*args, "--json", patch_dir=patch_dir)
     assert result.returncode in (0, 1), result.stderr

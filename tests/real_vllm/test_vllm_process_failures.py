@@ -192,7 +192,7 @@ def test_strict_a_patch_failing_in_the_engine_core_fails_engine_start_up(vllm_wo
 
     # The error, logged by vLLM from the EngineCore (not the parent), names the patch and the member.
     header = (
-        f"vllm_custom_patches._errors.PatchTargetError: vllm-custom-patches: "
+        f"vllm_custom_patches._core.errors.PatchTargetError: vllm-custom-patches: "
         f"VLLM_CUSTOM_PATCHES='{SELECTION}' cannot be honoured in process {engine_core} (EngineCore):"
     )
     reason = (

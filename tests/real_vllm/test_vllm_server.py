@@ -148,7 +148,7 @@ def test_without_a_control_token_no_process_has_the_control_method(server: Serve
     import openai
     from _server import request
 
-    from vllm_custom_patches._agent import CONTROL_METHOD
+    from vllm_custom_patches._ops.agent import CONTROL_METHOD
 
     url, headers = f"http://127.0.0.1:{server.port}/collective_rpc", {"Content-Type": "application/json"}
     code, answer = request(url, data=json.dumps({"method": "check_health"}).encode(), headers=headers)

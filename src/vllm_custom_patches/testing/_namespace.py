@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._graft import MISSING
-from .._manager import PatchManager, PatchRef
+from .._core.graft import MISSING
+from .._core.manager import PatchManager, PatchRef
 
 __all__ = ["NamespaceSnapshot", "applied", "isolated_registry", "snapshot_namespace"]
 

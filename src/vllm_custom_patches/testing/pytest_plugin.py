@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from .._manager import PatchRef
+    from .._core.manager import PatchRef
     from . import EngineRun
     from ._namespace import NamespaceSnapshot
 
@@ -46,9 +46,9 @@ class PatchSession:
         The target and its subclasses are snapshotted first; a patch that was
         already applied before is left alone (and is not rolled back).
         """
-        from .._graft import descendants
-        from .._manager import PatchManager
-        from .._targets import resolve_target
+        from .._core.graft import descendants
+        from .._core.manager import PatchManager
+        from .._core.targets import resolve_target
         from ._namespace import snapshot_namespace
 
         for patch in patches:
@@ -68,8 +68,8 @@ class PatchSession:
 
     def finish(self) -> list[str]:
         """Roll back what this fixture applied, last first; return every problem found."""
-        from .._manager import PatchManager
-        from .._registry import REGISTRY
+        from .._core.manager import PatchManager
+        from .._core.registry import REGISTRY
 
         problems = []
         for name in reversed(self._applied):

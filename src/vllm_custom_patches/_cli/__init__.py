@@ -1,0 +1,1 @@
+"""The command line: ``vllm-custom-patches`` (``main``) and its upgrade commands (``upgrade``)."""

@@ -1,0 +1,299 @@
+"""``vllm-custom-patches``: see which patches exist and find out why one will not apply.
+
+    vllm-custom-patches list             # every patch this environment can see
+    vllm-custom-patches check [NAME...]  # try them against the installed vLLM, then roll back
+    vllm-custom-patches version          # the vLLM version the gates compare
+    vllm-custom-patches doctor|show|lock # upgrade safety, see _doctor_cli
+    vllm-custom-patches status --url URL # a running server: every process's patches
+    vllm-custom-patches rollback NAME --url URL --token T   # its kill switch (and 'apply')
+
+``--json`` gives machine-readable output.  ``check`` exits 1 if any checked
+patch would fail, which makes it usable as a container health gate before
+``vllm serve``; ``status`` exits 1 if the server's processes disagree and 2
+if it cannot tell; ``rollback``/``apply`` exit 3 when a refused change could
+not be undone in every process (see ``_remote``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, TextIO
+
+from .._runtime.discovery import ENV_PATH, find_entry_points, load_path
+from .._core.errors import PatchError
+from .._core.manager import PatchManager
+from .._core.patch import VLLMPatch
+from .._runtime.selection import ENV_PATCHES, parse_selection
+from .._core.versions import detect_vllm_version
+from ..testing import isolated_registry
+
+
+@dataclass
+class _Row:
+    name: str
+    source: str
+    target: str = ""
+    versions: str = ""
+    result: str = ""
+    """ok / skipped / failed (check), or loaded / not loaded / failed (list)."""
+    reason: str = ""
+    overrides: list[str] = field(default_factory=list)
+    additions: list[str] = field(default_factory=list)
+    description: str = ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vllm-custom-patches", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    listing = commands.add_parser("list", help="list every patch this environment can see")
+    listing.add_argument("--no-import", action="store_true", help="do not import patch modules (names only)")
+    check = commands.add_parser("check", help="apply patches in a scratch registry, report, roll back")
+    check.add_argument(
+        "names",
+        nargs="*",
+        help=f"patches to check, in order (default: what ${ENV_PATCHES} selects, or all if unset); "
+        "a patch named here or in the variable fails, one taken in by '*' is skipped, as in vLLM",
+    )
+    commands.add_parser("version", help="the detected vLLM version")
+    status = commands.add_parser(
+        "status",
+        help="ask a running vLLM server which patches each of its processes has applied",
+        description="GET URL/custom_patches (the custom_patches endpoint plugin) and show every process "
+        "of the server: exit 0 if consistent, 1 if a process lacks a patch others of its role have "
+        "or did not answer, 2 if the server cannot tell.",
+    )
+    status.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
+    status.add_argument(
+        "--api-key",
+        default=os.environ.get("VLLM_API_KEY") or None,
+        help="the server's API key, if it has one (default: $VLLM_API_KEY)",
+    )
+    status.add_argument("--timeout", type=_seconds, default=30.0, help="seconds to wait for the answer (default 30)")
+    controls = []
+    for action, verb in (("rollback", "roll back"), ("apply", "apply")):
+        control = commands.add_parser(
+            action,
+            help=f"{verb} a patch in every process of a running vLLM server (its kill switch)",
+            description=f"POST URL/custom_patches/NAME/{action}: {verb} NAME in every process of the server, "
+            "or in none. Exit 0 when done, 1 when a process refused (everything was put back), 2 when the "
+            "request did not get that far, 3 when a process refused and some process could not be put back "
+            "(INCONSISTENT, named).",
+        )
+        control.add_argument("name", help="the patch")
+        control.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
+        control.add_argument(
+            "--token",
+            default=os.environ.get("VLLM_CUSTOM_PATCHES_CONTROL_TOKEN") or None,
+            help="the server's VLLM_CUSTOM_PATCHES_CONTROL_TOKEN (default: that variable here)",
+        )
+        control.add_argument("--reason", default="", help="why, for the server's log")
+        control.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for the answer (default 60)")
+        controls.append(control)
+    from .upgrade import add_commands
+
+    upgrade = add_commands(commands)
+    for sub in (listing, check, commands.choices["version"], status, *controls, *upgrade):
+        sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+
+    if args.command == "status":
+        return _status(args)
+    if args.command in ("rollback", "apply"):
+        return _control(args)
+    if args.command in ("doctor", "show", "lock"):
+        from .upgrade import run
+
+        return run(args)
+
+    if args.command == "version":
+        detected = detect_vllm_version()
+        release = detected.release
+        info = {"version": detected.raw, "source": detected.source, "release": str(release) if release else None}
+        print(json.dumps(info) if args.json else f"vLLM {detected}; gates compare release {info['release']}")
+        return 0
+    with isolated_registry():
+        try:
+            rows = _list(import_modules=not args.no_import) if args.command == "list" else _check(args.names)
+        except PatchError as exc:
+            print(f"vllm-custom-patches: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            PatchManager.rollback_all()
+    if args.json:
+        print(json.dumps({"vllm": detect_vllm_version().raw, "patches": [asdict(row) for row in rows]}, indent=2))
+    else:
+        _print_table(rows)
+    return 1 if any(row.result == "failed" for row in rows) else 0
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return seconds
+
+
+def _status(args: argparse.Namespace) -> int:
+    from .._ops.remote import fetch_status, print_status, status_exit_code
+
+    return _remote(args, lambda: fetch_status(args.url, args.api_key, timeout=args.timeout), print_status, status_exit_code)
+
+
+def _control(args: argparse.Namespace) -> int:
+    from .._ops.remote import control_exit_code, post_control, print_control
+
+    def ask() -> dict[str, Any]:
+        return post_control(args.url, args.command, args.name, args.token, args.reason, timeout=args.timeout)
+
+    return _remote(args, ask, print_control, control_exit_code)
+
+
+def _remote(
+    args: argparse.Namespace,
+    ask: Callable[[], dict[str, Any]],
+    show: Callable[[Mapping[str, Any], TextIO], None],
+    exit_code: Callable[[Mapping[str, Any]], int],
+) -> int:
+    """A command against a running server: 2 if it cannot answer, else its report, as JSON or for humans."""
+    from .._ops.remote import RemoteError
+
+    try:
+        report = ask()
+        if args.json:
+            print(json.dumps(report, indent=2))
+        else:
+            show(report, sys.stdout)
+        return exit_code(report)
+    except RemoteError as exc:
+        print(f"vllm-custom-patches: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # noqa: BLE001 (a bug here must not read as exit 1, "the processes disagree")
+        print(f"vllm-custom-patches: internal error, please report it: {RemoteError(repr(exc))}", file=sys.stderr)
+        return 2
+
+
+def _sources(import_modules: bool) -> tuple[dict[str, str], dict[str, type[VLLMPatch[Any]] | PatchError]]:
+    """Every visible patch name -> where it comes from, and (if imported) its class or load error."""
+    sources: dict[str, str] = {}
+    loaded: dict[str, type[VLLMPatch[Any]] | PatchError] = {}
+    for name in PatchManager.names():
+        sources[name] = "this program"
+        loaded[name] = PatchManager.get(name)
+    path_value = os.environ.get(ENV_PATH, "")
+    if path_value.strip():
+        before = set(PatchManager.names())
+        result = load_path(path_value)
+        for name in PatchManager.names():
+            if name not in before:
+                sources[name] = f"{ENV_PATH} ({PatchManager.get(name).__module__})"
+                loaded[name] = PatchManager.get(name)
+        for module, error in result.failed.items():
+            sources[module] = f"{ENV_PATH} file"
+            loaded[module] = error
+        for refused in result.refused:
+            sources[str(refused).split(":")[0]] = ENV_PATH
+            loaded[str(refused).split(":")[0]] = refused
+    for name, entry_point in sorted(find_entry_points().items()):
+        dists = ", ".join(sorted({ep.dist.name if ep.dist else "?" for ep in entry_point.declared}))
+        sources.setdefault(name, f"entry point ({dists})")
+        if import_modules and name not in loaded:
+            try:
+                loaded[name] = entry_point.load()
+            except PatchError as exc:
+                loaded[name] = exc
+    return sources, loaded
+
+
+def _describe(row: _Row, patch_cls: type[VLLMPatch[Any]]) -> None:
+    spec = patch_cls._vcp_spec
+    gate = patch_cls._vcp_gate
+    row.target = spec.target_label
+    row.versions = str(gate) if gate is not None else ""
+    row.description = spec.description.split("\n")[0]
+
+
+def _list(import_modules: bool) -> list[_Row]:
+    sources, loaded = _sources(import_modules)
+    rows = []
+    for name, source in sources.items():
+        row = _Row(name, source)
+        found = loaded.get(name)
+        if isinstance(found, PatchError):
+            row.result, row.reason = "failed", str(found)
+        elif found is not None:
+            row.result = "loaded"
+            _describe(row, found)
+        else:
+            row.result = "not imported"
+        rows.append(row)
+    return rows
+
+
+def _check(names: list[str]) -> list[_Row]:
+    sources, loaded = _sources(import_modules=False)
+    explicit = set(names)
+    if not names:
+        selection = parse_selection(os.environ.get(ENV_PATCHES))
+        explicit = set(selection.names)
+        names = list(selection.names)
+        if selection.empty or selection.all:
+            names += [n for n in sorted(sources) if n not in explicit and n not in selection.excluded]
+    entry_points = find_entry_points()
+    rows = []
+    for name in names:
+        row = _Row(name, sources.get(name, "unknown"))
+        rows.append(row)
+        try:
+            found = loaded.get(name)
+            if isinstance(found, PatchError):
+                raise found
+            patch_cls = found if found is not None else (
+                entry_points[name].load() if name in entry_points else PatchManager.get(name)
+            )
+            _describe(row, patch_cls)
+            PatchManager.apply(patch_cls)
+        except PatchError as exc:
+            # As the plugin decides: what '*' merely takes in is skipped where
+            # it cannot apply; only a patch named explicitly fails.
+            row.result, row.reason = ("failed" if name in explicit else "skipped"), str(exc)
+        else:
+            (status,) = [s for s in PatchManager.status() if s.name == patch_cls.name]
+            row.result = "ok"
+            row.overrides, row.additions = list(status.overrides), list(status.additions)
+    return rows
+
+
+def _print_table(rows: list[_Row]) -> None:
+    print(f"vLLM: {detect_vllm_version()}")
+    if not rows:
+        print("no patches found")
+        return
+    width = max(len(row.name) for row in rows)
+    for row in rows:
+        detail = row.reason
+        if row.result in ("ok", "loaded"):
+            parts = [row.target]
+            if row.versions:
+                parts.append(f"vLLM {row.versions}")
+            if row.overrides:
+                parts.append("overrides " + ", ".join(row.overrides))
+            if row.additions:
+                parts.append("adds " + ", ".join(row.additions))
+            detail = "; ".join(parts)
+        print(f"{row.name:<{width}}  {row.result.upper():<12}  {row.source}")
+        if detail:
+            print(f"{'':<{width}}  {detail}")
+    failed = sum(row.result == "failed" for row in rows)
+    print(f"{len(rows)} patch(es), {failed} failed")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""``vllm-custom-patches doctor``: every way a selected patch can silently not work with a vLLM.
+
+Checked without starting an engine, against the installed vLLM or (statically)
+against one that is not installed (see ``_vllm_views``):
+
+* the setup: the general plugin installed and not filtered out by
+  ``VLLM_PLUGINS``, the selection parses, names are known, the vLLM version;
+* per patch: its gate, its target, each overridden member present and of
+  the original's kind (method, static or class method, property, plain
+  attribute: ``_kinds``), the override accepting every call the original
+  accepts, its ``_original_`` references, conflicts between the selected
+  patches;
+* against a baseline (the patch's lock for the members its author locked,
+  the installed vLLM for the others): a
+  member that *moved* (defined in the target on one side, inherited on the
+  other), an original whose code changed (with a diff; an error for members
+  the author locked, a warning otherwise), parameters an original gained;
+* reach: subclasses in the target's package that override a patched member
+  without calling ``super()`` (their instances never run the patch).
+
+Errors: missing target or member, a changed kind not marked
+``@changes_kind``, incompatible signature, unresolvable
+``_original_`` reference, conflict, a move, a locked member's changed code,
+a subclass that overrides a patched member without reaching it, a gate that
+excludes the version of a patch selected by name.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .fingerprint import fingerprint, read_lock
+from .._core.graft import is_override_marked
+from .._core.kinds import describe_change, describe_kind, kind_change, member_kind
+from .._core.patch import VLLMPatch
+from .._core.targets import target_label
+from .vllm_views import InstalledView, Original, TargetNotFound, View, function_signature
+
+__all__ = ["DoctorReport", "Finding", "check_environment", "check_patches", "verdict_of"]
+
+_SCHEDULER = "vllm.v1.core.sched.scheduler:Scheduler"
+
+
+@dataclass(frozen=True)
+class Finding:
+    severity: str
+    """``error``, ``warning`` or ``info``."""
+    check: str
+    """plugin, setting, version, gate, target, member, kind, signature, conflict, moved, drift, reach, apply."""
+    message: str
+    patch: str = ""
+    member: str = ""
+    detail: str = ""
+    """A unified diff, for drift."""
+
+
+@dataclass
+class DoctorReport:
+    vllm: str
+    patches: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "vllm": self.vllm,
+            "ok": not self.errors,
+            "patches": {name: verdict_of(self, name) for name in self.patches},
+            "findings": [asdict(f) for f in self.findings],
+        }
+
+
+def verdict_of(report: DoctorReport, patch: str) -> str:
+    """``ok``, ``warning: ...`` or ``error: ...`` (the first such finding) for one patch."""
+    for severity in ("error", "warning"):
+        for finding in report.findings:
+            if finding.patch == patch and finding.severity == severity:
+                return f"{severity}: {finding.message}"
+    return "ok"
+
+
+# -- the setup -------------------------------------------------------------------------
+
+
+def check_environment(environ: Mapping[str, str]) -> list[Finding]:
+    """The plugin is installed and vLLM will load it; the vLLM version is known."""
+    import importlib_metadata
+
+    from .._core.versions import detect_vllm_version
+
+    findings = []
+    names = {ep.name for ep in importlib_metadata.entry_points(group="vllm.general_plugins")}
+    if "custom_patches" not in names:
+        findings.append(Finding("error", "plugin", "the vllm.general_plugins entry point 'custom_patches' is not installed "
+                                "in this environment: pip install vllm-custom-patches next to vLLM"))  # fmt: skip
+    plugins = environ.get("VLLM_PLUGINS")
+    if plugins is not None:
+        listed = plugins.split(",")  # exactly as vLLM splits it: no stripping
+        if "custom_patches" not in listed:
+            stripped = [item.strip() for item in listed]
+            hint = (
+                f"it lists {' custom_patches'!r} with a space, which vLLM does not strip; write "
+                f"VLLM_PLUGINS={','.join(stripped)}"
+                if "custom_patches" in stripped
+                else f"add it: VLLM_PLUGINS={','.join([*filter(None, listed), 'custom_patches'])}"
+            )
+            findings.append(Finding("error", "plugin", f"VLLM_PLUGINS={plugins!r} does not list custom_patches, so vLLM "
+                                    f"never runs the plugin: {hint}"))  # fmt: skip
+    detected = detect_vllm_version()
+    if detected.release is None:
+        findings.append(Finding("error", "version", f"the vLLM version {detected.raw!r} ({detected.source}) is not a "
+                                "PEP 440 version; set VLLM_CUSTOM_PATCHES_VLLM_VERSION"))  # fmt: skip
+    return findings
+
+
+# -- the patches -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Reference:
+    """What one member was on the baseline: the lock (locked) or the installed vLLM."""
+
+    label: str
+    defined_in: str
+    own: bool
+    signature: inspect.Signature | None
+    source: str | None
+    locked: bool
+
+
+def check_patches(
+    patches: Sequence[type[VLLMPatch[Any]]], view: View, installed: InstalledView | None, *, together: bool = True
+) -> list[Finding]:
+    """Every finding about ``patches`` against ``view``; ``installed`` is the baseline when no lock exists.
+
+    ``together``: they were selected explicitly, to be applied together: a
+    gate that excludes the version and conflicts between them are errors (as
+    the plugin would fail); otherwise each is judged alone and a gate only noted.
+    """
+    findings: list[Finding] = []
+    for patch_cls in patches:
+        findings += _check_one(patch_cls, view, installed, explicit=together)
+    if together:
+        findings += _check_conflicts(patches, view)
+    else:
+        for patch_cls in patches:
+            findings += _check_conflicts([patch_cls], view)
+    return findings
+
+
+def _check_one(patch_cls: type[VLLMPatch[Any]], view: View, installed: InstalledView | None, *, explicit: bool) -> list[Finding]:
+    spec = patch_cls._vcp_spec
+    name = spec.name
+    out: list[Finding] = []
+    gate = patch_cls._vcp_gate
+    if gate is not None:
+        from packaging.version import Version
+
+        if not gate.contains(Version(view.version), prereleases=True):
+            consequence = "start-up fails there, since it is selected by name" if explicit else "the plugin skips it there"
+            out.append(Finding("error" if explicit else "info", "gate", f"its gate ({gate}) excludes vLLM "
+                               f"{view.version}: {consequence}", name))  # fmt: skip
+    baseline = _baseline(patch_cls, view, installed)
+    overridden: set[str] = set()
+    try:
+        for member_name, member in spec.members.items():
+            original = view.member(spec.target, name, member_name)
+            ref = baseline.get(member_name)
+            if original is None:
+                if is_override_marked(member) or member_name in spec.original_refs or ref is not None:
+                    why = ("it calls self._original_" + member_name) if member_name in spec.original_refs else (
+                        "it is marked @override" if is_override_marked(member) else f"it replaced it on {ref.label if ref else ''}")
+                    out.append(Finding("error", "member", f"{spec.target_label} has no member {member_name!r}, which the "
+                                       f"patch replaces ({why}): it was removed or renamed", name, member_name))  # fmt: skip
+                continue
+            overridden.add(member_name)
+            out += _check_member(name, member_name, member, original, ref)
+        out += _check_reach(spec.target, name, overridden, view)
+    except TargetNotFound as exc:
+        out.append(Finding("error", "target", f"its target is missing: {exc}", name))
+    return out
+
+
+def _check_member(patch: str, member_name: str, member: object, original: Original, ref: _Reference | None) -> list[Finding]:
+    from .signatures import describe, gained_parameters, incompatibilities
+
+    out = []
+    mine = member_kind(member, member_name)
+    changed = original.kind is not None and mine is not None and mine != original.kind
+    change = kind_change(original.kind, member, member_name)
+    if change is not None:
+        out.append(Finding("error", "kind", describe_change(member_name, original.defined_in, change), patch, member_name))
+    elif changed:
+        assert original.kind is not None and mine is not None
+        out.append(Finding("info", "kind", f"{member_name!r} is {describe_kind(mine)} in the patch and "
+                           f"{describe_kind(original.kind)} in {original.defined_in}: marked @changes_kind, so every "
+                           "caller must call it the new way", patch, member_name))  # fmt: skip
+    override_sig = function_signature(member)
+    # Two kinds are called differently: their signatures do not compare.
+    if original.signature is not None and override_sig is not None and not changed:
+        problems = incompatibilities(original.signature, override_sig)
+        gained = gained_parameters(ref.signature, original.signature) if ref and ref.signature else []
+        note = f" (new since {ref.label}: {', '.join(gained)})" if gained and ref else ""
+        for problem in problems:
+            out.append(Finding("error", "signature", f"{member_name}{describe(override_sig)} cannot take every call the "
+                               f"original {member_name}{describe(original.signature)} accepts: {problem}{note}",
+                               patch, member_name))  # fmt: skip
+        if gained and not problems and ref:
+            out.append(Finding("info", "signature", f"the original {member_name} gained {', '.join(gained)} since "
+                               f"{ref.label}; the override accepts it", patch, member_name))  # fmt: skip
+    if ref is None:
+        return out
+    if ref.own != original.own:
+
+        def where(is_own: bool, holder: str) -> str:
+            return "defined in the target itself" if is_own else f"inherited from {holder}"
+
+        out.append(Finding("error", "moved", f"{member_name} moved: {where(ref.own, ref.defined_in)} on {ref.label}, "
+                           f"{where(original.own, original.defined_in)} here; the original the patch wraps is other code",
+                           patch, member_name))  # fmt: skip
+    if ref.source is not None and original.source is not None and fingerprint(ref.source) != fingerprint(original.source):
+        diff = "".join(difflib.unified_diff(_lines(ref.source), _lines(original.source),
+                                            f"{member_name} ({ref.label})", f"{member_name} (checked)"))  # fmt: skip
+        severity = "error" if ref.locked else "warning"
+        why = "the patch is locked against it" if ref.locked else "a pass-through wrapper does not care; one that re-implements it does"
+        out.append(Finding(severity, "drift", f"the original {original.defined_in.split(':')[-1]}.{member_name} changed "
+                           f"since {ref.label} ({why})", patch, member_name, diff))  # fmt: skip
+    return out
+
+
+def _lines(source: str) -> list[str]:
+    return (source if source.endswith("\n") else source + "\n").splitlines(True)
+
+
+def _check_reach(target: Any, patch: str, overridden: set[str], view: View) -> list[Finding]:
+    out = []
+    for sub in view.subclass_overrides(target, patch, overridden):
+        if sub.calls_super:
+            out.append(Finding("info", "reach", f"{sub.cls} overrides {sub.member} and calls super(): the patch runs "
+                               "inside it", patch, sub.member))  # fmt: skip
+        else:
+            out.append(Finding("error", "reach", f"{sub.cls} overrides {sub.member} without calling super(): its "
+                               f"instances never run the patch's {sub.member}; patch {sub.cls.split(':')[-1]} too, "
+                               "or the class vLLM really instantiates", patch, sub.member))  # fmt: skip
+    if target_label(target) == _SCHEDULER:
+        out.append(Finding("info", "reach", "vLLM instantiates AsyncScheduler (a subclass) when async scheduling is on, "
+                           "its default, Scheduler otherwise, or the class --scheduler-cls names (not checked here)", patch))  # fmt: skip
+    return out
+
+
+def _baseline(patch_cls: type[VLLMPatch[Any]], view: View, installed: InstalledView | None) -> dict[str, _Reference]:
+    """Per member, what the checked vLLM is compared with: the lock for the members the author
+    locked, the installed vLLM for the others (when the checked vLLM is another one)."""
+    from packaging.version import Version
+
+    from .signatures import signature_from_ast
+
+    spec = patch_cls._vcp_spec
+    refs: dict[str, _Reference] = {}
+    if installed is not None and installed.version != view.version:
+        for name in spec.members:
+            try:
+                original = installed.member(spec.target, spec.name, name)
+            except TargetNotFound:
+                break
+            if original is not None:
+                refs[name] = _Reference(installed.label, original.defined_in, original.own, original.signature,
+                                        original.source, locked=False)  # fmt: skip
+    module = sys.modules.get(patch_cls.__module__)
+    lock = read_lock(getattr(module, "__file__", None), spec.name)
+    if lock:
+        version = view.version if view.version in lock else max(lock, key=Version)
+        for name, locked in lock[version].items():
+            node = _first_def(locked.source)
+            refs[name] = _Reference(f"vLLM {version} (locked)", locked.defined_in, locked.defined_in == spec.target_label,
+                                    signature_from_ast(node) if node is not None else None, locked.source, locked=True)  # fmt: skip
+    return refs
+
+
+def _first_def(source: str) -> Any:
+    import ast
+    import textwrap
+
+    for node in ast.parse(textwrap.dedent(source)).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            return node
+    return None
+
+
+def _check_conflicts(patches: Sequence[type[VLLMPatch[Any]]], view: View) -> list[Finding]:
+    if isinstance(view, InstalledView):
+        return _apply_each(patches)
+    # As the manager would refuse them, applying in order: a patch that
+    # conflicts is not applied, so it owns nothing for the ones after it.
+    owners: dict[tuple[str, str], str] = {}
+    out = []
+    for patch_cls in patches:
+        spec = patch_cls._vcp_spec
+        taken = {member: owners[(spec.target_label, member)] for member in spec.members if (spec.target_label, member) in owners}
+        if taken:
+            clash = ", ".join(f"{spec.target_label}.{member} (owned by {owner!r})" for member, owner in taken.items())
+            out.append(Finding("error", "conflict", f"patch {spec.name!r} replaces what another selected patch "
+                               f"replaces: {clash}; two patches cannot own one member", spec.name))  # fmt: skip
+            continue
+        owners.update({(spec.target_label, member): spec.name for member in spec.members})
+    return out
+
+
+def _apply_each(patches: Sequence[type[VLLMPatch[Any]]]) -> list[Finding]:
+    """Apply them, in order, in a scratch registry against the installed vLLM; what refuses; all rolled back."""
+    from .._core.errors import PatchConflictError, PatchError, PatchTargetError
+    from .._core.manager import PatchManager
+    from ..testing import isolated_registry
+
+    out = []
+    with isolated_registry():
+        try:
+            for patch_cls in patches:
+                try:
+                    PatchManager.apply(patch_cls)
+                except PatchTargetError:
+                    continue  # reported by the member and target checks, with more detail
+                except PatchConflictError as exc:
+                    out.append(Finding("error", "conflict", str(exc), patch_cls._vcp_spec.name))
+                except PatchError as exc:
+                    out.append(Finding("error", "apply", str(exc), patch_cls._vcp_spec.name))
+        finally:
+            PatchManager.rollback_all()
+    return out
+
