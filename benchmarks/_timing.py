@@ -98,11 +98,7 @@ def interleave(
                 elapsed = subject.timer(subject.calls)
                 if r >= 0:
                     samples[subject.key].append(elapsed / subject.calls)
-            if (
-                max_seconds is not None
-                and r + 1 >= min_rounds
-                and time.perf_counter() - start > max_seconds
-            ):
+            if max_seconds is not None and r + 1 >= min_rounds and time.perf_counter() - start > max_seconds:
                 break
     finally:
         if gc_was_enabled:
@@ -148,9 +144,7 @@ class Spread:
         }
 
 
-def summarize(
-    samples: Mapping[str, Sequence[float]], baselines: Sequence[str]
-) -> dict[str, dict[str, Any]]:
+def summarize(samples: Mapping[str, Sequence[float]], baselines: Sequence[str]) -> dict[str, dict[str, Any]]:
     """For each subject: its ns/call spread and its per-round ratio spread to each baseline."""
     out: dict[str, dict[str, Any]] = {}
     for key, values in samples.items():

@@ -158,7 +158,10 @@ def _report(result: dict[str, Any], spec: dict[str, Any], env_values: dict[str, 
     step_ratio = Spread.of([sps(p["patched"]) / sps(p["unpatched"]) for p in pairs])
     cpu_ratio = Spread.of([p["unpatched"]["cpu_s"] / p["patched"]["cpu_s"] for p in pairs])
     per_step_us = Spread.of(
-        [(p["patched"]["s"] / p["patched"]["steps"] - p["unpatched"]["s"] / p["unpatched"]["steps"]) * 1e6 for p in pairs]
+        [
+            (p["patched"]["s"] / p["patched"]["steps"] - p["unpatched"]["s"] / p["unpatched"]["steps"]) * 1e6
+            for p in pairs
+        ]
     )
     spreads = {
         "requests_per_s_unpatched": per_variant(rps, "unpatched"),
@@ -168,7 +171,13 @@ def _report(result: dict[str, Any], spec: dict[str, Any], env_values: dict[str, 
     }
 
     def row(label: str, s: Spread, digits: int = 1) -> list[str]:
-        return [label, f"{s.median:.{digits}f}", fmt_range(s.q1, s.q3, digits), fmt_range(s.min, s.max, digits), str(s.n)]
+        return [
+            label,
+            f"{s.median:.{digits}f}",
+            fmt_range(s.q1, s.q3, digits),
+            fmt_range(s.min, s.max, digits),
+            str(s.n),
+        ]
 
     def ratio_row(label: str, s: Spread) -> list[str]:
         return [label, f"{s.median:.3f}x", fmt_range(s.q1, s.q3, 3), fmt_range(s.min, s.max, 3), str(s.n)]
@@ -186,7 +195,9 @@ def _report(result: dict[str, Any], spec: dict[str, Any], env_values: dict[str, 
         ratio_row("requests per CPU-s: patched / no patch (per pair)", cpu_ratio),
     ]
     mean_phase_s = statistics.fmean(p[v]["s"] for p in pairs for v in ("unpatched", "patched"))
-    threads = ", ".join(f"{k}={v}" for k, v in env_values.items() if k in _THREAD_DEFAULTS) or "as set in the environment"
+    threads = (
+        ", ".join(f"{k}={v}" for k, v in env_values.items() if k in _THREAD_DEFAULTS) or "as set in the environment"
+    )
     notes = [
         f"target: median ratio >= {TARGET_RATIO}: {'met' if met else 'NOT met'} ({ratio.median:.3f}x, "
         f"IQR {fmt_range(ratio.q1, ratio.q3, 3)}); a ratio below 1 means slower with the patch.",
@@ -216,7 +227,10 @@ def _report(result: dict[str, Any], spec: dict[str, Any], env_values: dict[str, 
         "steps_per_phase": steps,
         "spec": spec,
         "env_set": env_values,
-        "child": {k: result[k] for k in ("vllm_version", "scheduler_class", "import_vllm_s", "engine_start_s", "measure_s", "child_wall_s")},
+        "child": {
+            k: result[k]
+            for k in ("vllm_version", "scheduler_class", "import_vllm_s", "engine_start_s", "measure_s", "child_wall_s")
+        },
         "pairs": [
             {
                 "patched_first": p["patched_first"],

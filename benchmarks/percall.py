@@ -35,12 +35,12 @@ REFERENCE = "hand_graft"
 TARGET_VS_GRAFT = 1.05
 """The goal: this project within 5% of the hand-written graft."""
 
-TARGET_SOURCE = '''
+TARGET_SOURCE = """
 class Target_{key}:
     def m(self, x):
         return x + 1
 Target = Target_{key}
-'''
+"""
 
 
 @dataclass(frozen=True)

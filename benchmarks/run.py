@@ -11,9 +11,9 @@ in :data:`SECTIONS`; a section that fails is reported and the others still run.
 from __future__ import annotations
 
 import argparse
-import os
 import importlib
 import json
+import os
 import sys
 import time
 import traceback
@@ -23,7 +23,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable as a package
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import RESULTS_DIR, ROOT, RunOptions, SectionResult, machine_info  # noqa: E402
+from benchmarks._common import RESULTS_DIR, ROOT, RunOptions, SectionResult, machine_info
 
 SECTIONS: dict[str, str] = {
     # name -> module in this package, in the order they run.
@@ -37,7 +37,10 @@ SECTIONS: dict[str, str] = {
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--json", type=Path, default=RESULTS_DIR / "latest.json", help="where to write the results (default: %(default)s)"
+        "--json",
+        type=Path,
+        default=RESULTS_DIR / "latest.json",
+        help="where to write the results (default: %(default)s)",
     )
     parser.add_argument("--quick", action="store_true", help="few rounds, about 20 s in all: a smoke run")
     parser.add_argument(
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"running {name} ...", file=sys.stderr, flush=True)
         try:
             result: SectionResult = module.run(options)
-        except Exception as exc:  # noqa: BLE001 - report it, go on with the other sections
+        except Exception as exc:
             failed = True
             traceback.print_exc()
             report["sections"][name] = {"title": module.TITLE, "error": f"{type(exc).__name__}: {exc}"}

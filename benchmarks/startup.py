@@ -92,9 +92,7 @@ def generated_files() -> dict[str, str]:
     for i in range(N_DISTS):
         package = _package(i)
         project = f"vcp-bench-startup-{i:02d}"
-        entry_points = "\n".join(
-            f'{patch_name(i, j)} = "{package}.p{j}:Patch{j}"' for j in range(PATCHES_PER_DIST)
-        )
+        entry_points = "\n".join(f'{patch_name(i, j)} = "{package}.p{j}:Patch{j}"' for j in range(PATCHES_PER_DIST))
         files[f"{project}/pyproject.toml"] = (
             textwrap.dedent(
                 f"""
@@ -116,8 +114,12 @@ def generated_files() -> dict[str, str]:
             + "\n"
         )
         files[f"{project}/{package}/__init__.py"] = ""
-        files[f"{project}/{package}/targets.py"] = '"""Stands in for a vLLM module: the patches name these classes as strings."""\n' + "".join(
-            f"\n\nclass Target{j}:\n    def run(self, x):\n        return x + {j}\n" for j in range(PATCHES_PER_DIST)
+        files[f"{project}/{package}/targets.py"] = (
+            '"""Stands in for a vLLM module: the patches name these classes as strings."""\n'
+            + "".join(
+                f"\n\nclass Target{j}:\n    def run(self, x):\n        return x + {j}\n"
+                for j in range(PATCHES_PER_DIST)
+            )
         )
         for j in range(PATCHES_PER_DIST):
             files[f"{project}/{package}/p{j}.py"] = textwrap.dedent(
@@ -367,7 +369,9 @@ def _report(
         )
         data_steps[f"{key}.{field}"] = {"ms": ms.as_dict(3), **({"ratio_vs_baseline": rs.as_dict()} if rs else {})}
     heavy = [r for r in rounds if "vllm_all" in r]
-    marginal = _ms([r["vllm_all"]["load_general_plugins_s"] - r["vllm_without_ours"]["load_general_plugins_s"] for r in heavy])
+    marginal = _ms(
+        [r["vllm_all"]["load_general_plugins_s"] - r["vllm_without_ours"]["load_general_plugins_s"] for r in heavy]
+    )
     marginal_ratio = Spread.of(
         [r["vllm_all"]["load_general_plugins_s"] / r["vllm_without_ours"]["load_general_plugins_s"] for r in heavy]
     )
@@ -383,7 +387,9 @@ def _report(
             str(marginal.n),
         ]
     )
-    import_vllm = _ms(values("vllm_all", "import_vllm_plugins_s") + values("vllm_without_ours", "import_vllm_plugins_s"))
+    import_vllm = _ms(
+        values("vllm_all", "import_vllm_plugins_s") + values("vllm_without_ours", "import_vllm_plugins_s")
+    )
     own_scan_ratio = {
         key: Spread.of([r[key]["register_s"] / r[key]["scan_s"] for r in rounds if key in r])
         for key in ("unset", "one", "star", "one_pinned", "star_pinned")

@@ -69,9 +69,7 @@ def make_patches(targets: list[type]) -> list[type]:
 def _hand_functions(targets: list[type]) -> list[tuple[type, str, object]]:
     codes = [_method_code(j, "def f(self, x):\n    return self._orig_m{j}(x) + 0\n") for j in range(N_METHODS)]
     return [
-        (target, f"m{j}", types.FunctionType(code, {}, f"m{j}"))
-        for target in targets
-        for j, code in enumerate(codes)
+        (target, f"m{j}", types.FunctionType(code, {}, f"m{j}")) for target in targets for j, code in enumerate(codes)
     ]
 
 
@@ -147,7 +145,9 @@ def run(options: RunOptions) -> SectionResult:
                         t2 = clock()
                         done = PatchManager.rollback_all()
                         t3 = clock()
-                        assert len(done) == n and not (set(PatchManager.applied()) - already), "rollback_all left patches"
+                        assert len(done) == n and not (set(PatchManager.applied()) - already), (
+                            "rollback_all left patches"
+                        )
                         times["vcp_apply"], times["vcp_rollback"] = t1 - t0, t3 - t2
                     else:
                         log: list[tuple[type, str, object]] = []

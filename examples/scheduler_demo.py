@@ -137,7 +137,10 @@ def main() -> None:
     print("  (head is admitted at once; the others queue behind it, and the policy orders them)")
     runs = {}
     for step, (name, patches) in enumerate(
-        [("unpatched", {}), ("patched", {"VLLM_CUSTOM_PATCHES": selected, "VLLM_CUSTOM_PATCHES_TRACE_FILE": str(trace_file)})],
+        [
+            ("unpatched", {}),
+            ("patched", {"VLLM_CUSTOM_PATCHES": selected, "VLLM_CUSTOM_PATCHES_TRACE_FILE": str(trace_file)}),
+        ],
         start=1,
     ):
         shown = " ".join(f"{k}={v}" for k, v in patches.items()) or "no VLLM_CUSTOM_PATCHES"

@@ -79,8 +79,7 @@ def env_positive_float(environ: Mapping[str, str], name: str, *, unit: str) -> f
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise PatchConfigError(
-            f"{name}={environ[name]!r} is not a positive number of {unit}; set it to e.g. "
-            f"{name}=30, or unset it."
+            f"{name}={environ[name]!r} is not a positive number of {unit}; set it to e.g. {name}=30, or unset it."
         )
     return value
 
@@ -110,4 +109,3 @@ def env_weights(environ: Mapping[str, str], name: str) -> dict[str, float]:
             raise PatchConfigError(f"{name}={environ[name]!r}: tenant {key!r} is listed twice; keep one.")
         weights[key] = weight
     return weights
-

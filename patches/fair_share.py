@@ -125,7 +125,9 @@ class FairShareLedger:
         tagged.sort(key=lambda item: (item[0], item[1]))
         return [request for _, _, request in tagged]
 
-    def charge(self, num_scheduled_tokens: Mapping[str, int], requests: Mapping[str, Any], settings: FairShareSettings) -> None:
+    def charge(
+        self, num_scheduled_tokens: Mapping[str, int], requests: Mapping[str, Any], settings: FairShareSettings
+    ) -> None:
         """Add one step's scheduled tokens to their tenants' service."""
         for req_id, tokens in num_scheduled_tokens.items():
             request = requests.get(req_id)

@@ -79,7 +79,7 @@ _TESTDIST = {
             def step(self):
                 return "patched:" + self._original_step()
     ''',
-    "vcp_testdist/second.py": '''
+    "vcp_testdist/second.py": """
         from vllm_custom_patches import VLLMPatch
 
 
@@ -88,8 +88,8 @@ _TESTDIST = {
 
             def describe(self):
                 return "engine"
-    ''',
-    "vcp_testdist/misnamed.py": '''
+    """,
+    "vcp_testdist/misnamed.py": """
         from vllm_custom_patches import VLLMPatch
 
 
@@ -98,7 +98,7 @@ _TESTDIST = {
 
             def value(self):
                 return 2
-    ''',
+    """,
 }
 
 _BROKENDIST = {
@@ -124,7 +124,7 @@ _BROKENDIST = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def installed_dists() -> Path:
     """A directory holding both distributions, installed by pip; built once per test session."""
     root = Path(tempfile.mkdtemp(prefix="vcp-testdists-"))

@@ -16,9 +16,9 @@ from typing import Any
 
 import importlib_metadata
 import pytest
-from vllm_custom_patches_catalogue import _settings, fair_share, scheduler_trace, shortest_prompt_first
 
 from vllm_custom_patches import PatchConfigError, PatchManager, VLLMPatch
+from vllm_custom_patches_catalogue import _settings, fair_share, scheduler_trace, shortest_prompt_first
 
 MODULES = {"shortest_prompt_first": shortest_prompt_first, "fair_share": fair_share, "scheduler_trace": scheduler_trace}
 PATCHES = {
@@ -33,7 +33,9 @@ ENV_VARS = {
 }
 
 
-def req(rid: str, prompt: int, *, tenant: str | None = None, arrival: float = 0.0, max_tokens: int = 4, computed: int = 0) -> Any:
+def req(
+    rid: str, prompt: int, *, tenant: str | None = None, arrival: float = 0.0, max_tokens: int = 4, computed: int = 0
+) -> Any:
     """A stand-in with the attributes of ``vllm.v1.request.Request`` the policies read."""
     params = SimpleNamespace(extra_args={"tenant": tenant} if tenant is not None else None)
     return SimpleNamespace(

@@ -66,8 +66,17 @@ def _lint(dockerfile: Path, tmp_path: Path) -> tuple[int, list[dict[str, object]
         config.write_text("{}\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("HADOLINT_")}
     result = subprocess.run(
-        [_hadolint(), "--config", str(config), "--format", "json", "--failure-threshold", "style",
-         "--no-color", str(dockerfile)],
+        [
+            _hadolint(),
+            "--config",
+            str(config),
+            "--format",
+            "json",
+            "--failure-threshold",
+            "style",
+            "--no-color",
+            str(dockerfile),
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -92,11 +101,7 @@ def test_dockerfile_passes_hadolint(name: str, tmp_path: Path) -> None:
 def test_hadolint_reports_a_bad_dockerfile(tmp_path: Path) -> None:
     # The same lint run as above must be able to fail.
     bad = tmp_path / "Dockerfile.bad"
-    bad.write_text(
-        "FROM ubuntu:latest\n"
-        "RUN apt-get update && apt-get install -y curl\n"
-        "RUN pip install requests\n"
-    )
+    bad.write_text("FROM ubuntu:latest\nRUN apt-get update && apt-get install -y curl\nRUN pip install requests\n")
     status, findings, _ = _lint(bad, tmp_path)
     codes = {f["code"] for f in findings}
     assert status != 0
@@ -197,11 +202,7 @@ def _catalogue_gates() -> dict[str, SpecifierSet]:
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    rows = [
-        row
-        for row in json.loads(result.stdout)["patches"]
-        if row["source"] == "entry point (vllm-custom-patches)"
-    ]
+    rows = [row for row in json.loads(result.stdout)["patches"] if row["source"] == "entry point (vllm-custom-patches)"]
     assert rows, "no catalogue patches found: is the package installed (pip install -e .)?"
     for row in rows:
         assert row["versions"], f"catalogue patch {row['name']} has no version gate"
@@ -243,9 +244,7 @@ def test_production_image_is_official_vllm_at_a_pinned_release_the_catalogue_sup
     ],
 )
 def test_build_script_refuses_bad_arguments_with_usage(args: list[str], message: str) -> None:
-    result = subprocess.run(
-        ["bash", BUILD_SCRIPT, *args], capture_output=True, text=True, cwd=ROOT, timeout=60
-    )
+    result = subprocess.run(["bash", BUILD_SCRIPT, *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 2, result.stdout + result.stderr
     assert message in result.stderr
     assert "usage:" in result.stderr

@@ -67,7 +67,7 @@ def graph(package: Path = PACKAGE) -> dict[str, set[str]]:
 
 
 def _wing(module: str) -> str:
-    return module.split(".")[0]
+    return module.split(".", maxsplit=1)[0]
 
 
 def violations(g: dict[str, set[str]]) -> list[str]:
@@ -84,8 +84,10 @@ def violations(g: dict[str, set[str]]) -> list[str]:
                 found.append(f"the core imports {target} ({module})")
             elif other == "_core":
                 continue
-            elif other not in INTERFACES or target.split(".", 1)[-1] not in INTERFACES[other] and not (
-                other == "testing" and target == "testing"
+            elif (
+                other not in INTERFACES
+                or (target.split(".", 1)[-1] not in INTERFACES[other]
+                and not (other == "testing" and target == "testing"))
             ):
                 found.append(f"{module} imports {target}, which is not in {other}'s interface")
     return found
@@ -132,7 +134,11 @@ def test_the_core_depends_on_no_wing_and_wings_talk_through_interfaces() -> None
 def test_the_kit_uses_only_the_core() -> None:
     g = graph()
     outside = sorted(
-        (m, t) for m, ts in g.items() if _wing(m) == "testing" for t in ts if _wing(t) not in {"testing", "_core"} and t not in SHARED
+        (m, t)
+        for m, ts in g.items()
+        if _wing(m) == "testing"
+        for t in ts
+        if _wing(t) not in {"testing", "_core"} and t not in SHARED
     )
     assert outside == []
 

@@ -53,7 +53,9 @@ def test_the_wheel_carries_every_module_the_catalogue_its_locks_and_py_typed(dis
     missing = sorted(expected - names)
     assert missing == [], f"modules missing from the wheel (add their package to pyproject.toml): {missing}"
     assert "vllm_custom_patches/py.typed" in names
-    catalogue = {f"vllm_custom_patches_catalogue/{p.name}" for p in (ROOT / "patches").iterdir() if p.suffix in (".py", ".json")}
+    catalogue = {
+        f"vllm_custom_patches_catalogue/{p.name}" for p in (ROOT / "patches").iterdir() if p.suffix in (".py", ".json")
+    }
     assert any(name.endswith(".lock.json") for name in catalogue)  # the check below covers the lock files
     assert sorted(catalogue - names) == []
 

@@ -81,7 +81,8 @@ _HOMES = {
     "VLLMPatch": "_core.patch",
     "changes_kind": "_core.kinds",
     **dict.fromkeys(
-        ("VLLMVersion", "detect_vllm_version", "max_vllm_version", "min_vllm_version", "vllm_versions"), "_core.versions"
+        ("VLLMVersion", "detect_vllm_version", "max_vllm_version", "min_vllm_version", "vllm_versions"),
+        "_core.versions",
     ),
 }
 

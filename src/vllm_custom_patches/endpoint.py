@@ -72,9 +72,9 @@ class CustomPatchesEndpoint:
         self._engine_client: Any = None
         self._status = SharedCollection(self._collect, clock=clock)
         self._api_key_hashes: list[bytes] = []
-        self._refresher: "asyncio.Task[None] | None" = None
-        self._control_token_hash: "bytes | None" = None
-        self._control_lock: "asyncio.Lock | None" = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._control_token_hash: bytes | None = None
+        self._control_lock: asyncio.Lock | None = None
 
     def attach_router(self, app: "FastAPI") -> None:
         from fastapi import APIRouter, Request
@@ -115,8 +115,8 @@ class CustomPatchesEndpoint:
         return any([hmac.compare_digest(digest, known) for known in self._api_key_hashes])
 
     async def _control(self, name: str, action: str, request: Any) -> "tuple[int, dict[str, Any]]":
-        from ._ops.control import ACTIONS
         from ._core.log import logger
+        from ._ops.control import ACTIONS
         from ._ops.switch import HTTP_STATUS, change, known_patches, summary
 
         client = request.client
@@ -124,8 +124,10 @@ class CustomPatchesEndpoint:
         header = request.headers.get("Authorization") or ""
         scheme, _, token = header.partition(" ")
         expected = self._control_token_hash
-        if expected is None or scheme.lower() != "bearer" or not hmac.compare_digest(
-            hashlib.sha256(token.encode()).digest(), expected
+        if (
+            expected is None
+            or scheme.lower() != "bearer"
+            or not hmac.compare_digest(hashlib.sha256(token.encode()).digest(), expected)
         ):
             logger.warning(
                 "vllm-custom-patches control: %s of %r from %s refused: %s",
@@ -158,7 +160,6 @@ class CustomPatchesEndpoint:
     async def _collect(self) -> "dict[str, Any]":
         from ._ops.fleet import collect
         from ._ops.metrics import publish
-
         from ._ops.switch import note_unsettled
 
         # What a failed undo left (several roles out of step) is the API server's to tell.
@@ -181,9 +182,9 @@ class CustomPatchesEndpoint:
 
 def _control_token_hash() -> "bytes | None":
     """The control token's hash, or None (the routes are not made) if it is unset or unusable."""
-    from ._ops.auth import MIN_TOKEN_LENGTH, token_problem
-    from ._env import ENV_CONTROL_TOKEN
     from ._core.log import logger
+    from ._env import ENV_CONTROL_TOKEN
+    from ._ops.auth import MIN_TOKEN_LENGTH, token_problem
 
     token = os.environ.get(ENV_CONTROL_TOKEN)
     if token is None or not token.strip():
@@ -220,9 +221,9 @@ def _parse_body(raw: bytes) -> "tuple[str, str | None]":
     try:
         body = json.loads(raw)
     except ValueError as exc:
-        return "", f"the body is not JSON ({exc}); send none, or a JSON object such as {{\"reason\": \"...\"}}"
+        return "", f'the body is not JSON ({exc}); send none, or a JSON object such as {{"reason": "..."}}'
     if not isinstance(body, dict):
-        return "", f"the body must be a JSON object such as {{\"reason\": \"...\"}}, not {type(body).__name__}"
+        return "", f'the body must be a JSON object such as {{"reason": "..."}}, not {type(body).__name__}'
     unknown = sorted(set(body) - {"reason"})
     if unknown:
         return "", f"unknown field(s) {', '.join(map(repr, unknown))} in the body; the only one is 'reason'"

@@ -112,7 +112,14 @@ def test_overlapping_patch_sets_over_two_targets_with_rollback_all_agree_with_th
     patches = [
         type(f"Overlap{i}", (VLLMPatch[target],), {name: (lambda self, i=i: i) for name in names})
         for i, (target, names) in enumerate(
-            [(Shared, ["a"]), (Shared, ["a", "b"]), (Shared, ["b"]), (Second, ["x"]), (Second, ["x", "y"]), (Second, ["y"])]
+            [
+                (Shared, ["a"]),
+                (Shared, ["a", "b"]),
+                (Shared, ["b"]),
+                (Second, ["x"]),
+                (Second, ["x", "y"]),
+                (Second, ["y"]),
+            ]
         )
     ]
     errors: list[BaseException] = []

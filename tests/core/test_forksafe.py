@@ -54,7 +54,7 @@ def _in_child(check: Callable[[], int]) -> int:
         code = 99
         try:
             code = check()
-        except BaseException:  # noqa: BLE001 - whatever happens, the child must not return into pytest
+        except BaseException:
             code = 98
         finally:
             os._exit(code)
@@ -117,4 +117,7 @@ def test_a_lock_the_forking_thread_holds_stays_its_own_in_the_child(which: str) 
 
     with lock:
         code = _in_child(child)
-    assert code == 0, {1: "another thread entered the forking thread's block", 2: "the lock did not work after release"}.get(code, code)
+    assert code == 0, {
+        1: "another thread entered the forking thread's block",
+        2: "the lock did not work after release",
+    }.get(code, code)

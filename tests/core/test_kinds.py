@@ -48,7 +48,7 @@ def _target(kind: str) -> type:
 
 def _read(cls: type) -> Any:
     """``obj.member`` the way a caller of that kind would use it."""
-    value = getattr(cls(), "member")
+    value = cls().member
     return value() if callable(value) else value
 
 
@@ -69,7 +69,7 @@ def test_apply_refuses_a_member_of_another_kind_and_changes_nothing(original_kin
         patch.apply()
     message = str(info.value)
     assert message.startswith("patch 'KindProbe': 'member' is ")
-    assert CALLED_AS[patch_kind] in message.split(" in the patch")[0]
+    assert CALLED_AS[patch_kind] in message.split(" in the patch", maxsplit=1)[0]
     assert f"but a {CALLED_AS[original_kind]}" in message or f"but {CALLED_AS[original_kind]}" in message
     assert "@changes_kind" in message
     before.assert_unchanged()
@@ -121,7 +121,9 @@ def test_the_kind_is_the_one_the_inherited_original_has() -> None:
         def helper(self, x: int) -> int:
             return x + 1
 
-    with pytest.raises(PatchTargetError, match=r"'helper' is a plain method \(def\) in the patch but a @staticmethod in \S*Base:"):
+    with pytest.raises(
+        PatchTargetError, match=r"'helper' is a plain method \(def\) in the patch but a @staticmethod in \S*Base:"
+    ):
         Wrong.apply()
     assert "helper" not in vars(Target)
 
@@ -191,7 +193,9 @@ def test_a_c_types_class_method_is_a_class_method() -> None:
 
 
 def test_a_plain_value_cannot_be_marked() -> None:
-    with pytest.raises(PatchDefinitionError, match="@changes_kind marks functions, static and class methods and properties"):
+    with pytest.raises(
+        PatchDefinitionError, match="@changes_kind marks functions, static and class methods and properties"
+    ):
         changes_kind(5)
 
 
@@ -236,8 +240,14 @@ PROBES = {
     "def build(self, config):\n    return self\n": ("build", "but a @classmethod"),
     "def budget(self):\n    return 2\n": ("budget", "but a property (or other data descriptor)"),
     "def old_budget(self):\n    return 2\n": ("old_budget", "but a property (or other data descriptor)"),
-    "@property\ndef limit(self):\n    return 8\n": ("limit", "a property (or other data descriptor) in the patch but a plain attribute"),
-    "@staticmethod\ndef schedule(throttle=False):\n    return []\n": ("schedule", "a @staticmethod in the patch but a plain method"),
+    "@property\ndef limit(self):\n    return 8\n": (
+        "limit",
+        "a property (or other data descriptor) in the patch but a plain attribute",
+    ),
+    "@staticmethod\ndef schedule(throttle=False):\n    return []\n": (
+        "schedule",
+        "a @staticmethod in the patch but a plain method",
+    ),
 }
 
 
@@ -255,7 +265,9 @@ def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 def _probe(body: str) -> Any:
     namespace: dict[str, Any] = {"VLLMPatch": VLLMPatch, "changes_kind": changes_kind}
-    source = "class Probe(VLLMPatch['fakekinds.sched:Scheduler']):\n    name = 'probe'\n" + textwrap.indent(body, "    ")
+    source = "class Probe(VLLMPatch['fakekinds.sched:Scheduler']):\n    name = 'probe'\n" + textwrap.indent(
+        body, "    "
+    )
     exec(compile(source, "<probe>", "exec"), namespace)
     return namespace["Probe"]
 
@@ -298,7 +310,9 @@ def test_doctor_is_quiet_where_the_kinds_match_or_cannot_be_told_statically(stan
         findings = check_patches([_probe(body)], view, None)
         assert not [f for f in findings if f.check == "kind" or f.severity == "error"], (view.label, findings)
     # ``aliased = _get_budget`` is a method at run time; read statically its kind is unknown, and not judged.
-    static = check_patches([_probe("@staticmethod\ndef aliased(x):\n    return x\n")], StaticView(stand_in, "1.0.0"), None)
+    static = check_patches(
+        [_probe("@staticmethod\ndef aliased(x):\n    return x\n")], StaticView(stand_in, "1.0.0"), None
+    )
     assert not [f for f in static if f.check == "kind"], static
     installed = check_patches([_probe("@staticmethod\ndef aliased(x):\n    return x\n")], InstalledView("1.0.0"), None)
     assert [f.severity for f in installed if f.check == "kind"] == ["error"]

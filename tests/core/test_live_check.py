@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from _helpers import clean_env, forget_modules, fresh_plugin
+
 from vllm_custom_patches import (
     PatchApplyError,
     PatchConfigError,
@@ -168,7 +168,9 @@ def test_a_check_that_fails_by_accident_refuses_the_apply_as_an_apply_error() ->
             return "patched"
 
     before = snapshot_namespace(Queue)
-    with pytest.raises(PatchApplyError, match=r"check_live failed on the live Queue .*AttributeError.*Nothing was applied") as info:
+    with pytest.raises(
+        PatchApplyError, match=r"check_live failed on the live Queue .*AttributeError.*Nothing was applied"
+    ) as info:
         Buggy.apply()
     assert isinstance(info.value.__cause__, AttributeError)
     before.assert_unchanged()

@@ -86,7 +86,9 @@ class PatchModel(RuleBasedStateMachine):
     def build_hierarchy(self, data: st.DataObject) -> None:
         def namespace(label: str) -> dict[str, object]:
             names = data.draw(st.lists(st.sampled_from(_EXISTING), unique=True), label=f"{label} members")
-            return {n: _made_member(data.draw(st.sampled_from(_KINDS), label=f"{label}.{n}"), f"{label}.{n}") for n in names}
+            return {
+                n: _made_member(data.draw(st.sampled_from(_KINDS), label=f"{label}.{n}"), f"{label}.{n}") for n in names
+            }
 
         self.root = type("Root", (), namespace("Root"))
         self.mid = type("Mid", (self.root,), namespace("Mid"))
@@ -108,7 +110,9 @@ class PatchModel(RuleBasedStateMachine):
         names = data.draw(st.lists(st.sampled_from(_POOL), min_size=1, max_size=4, unique=True), label="names")
         name = f"Model{next(_counter)}"
         members = {n: _made_member(data.draw(st.sampled_from(_KINDS), label=n), f"{name}.{n}") for n in names}
-        marked = {n for n in names if _made[id(members[n])] != "value" and data.draw(st.booleans(), label=f"{n} marked")}
+        marked = {
+            n for n in names if _made[id(members[n])] != "value" and data.draw(st.booleans(), label=f"{n} marked")
+        }
         for n in marked:
             changes_kind(members[n])
         type(name, (VLLMPatch[target],), dict(members))

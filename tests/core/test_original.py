@@ -34,7 +34,6 @@ def _patches() -> tuple[type, type]:
         def count(self) -> int:
             return self._original_count() + 100  # type: ignore[attr-defined,no-any-return]
 
-
     class ThroughPatch(VLLMPatch[Counter]):
         def count(self) -> int:
             return ThroughPatch.original("count")(self) + 100  # type: ignore[no-any-return]
@@ -53,9 +52,8 @@ def _patches() -> tuple[type, type]:
 def test_a_stand_in_self_reaches_the_original_only_through_the_patch() -> None:
     ThroughSelf, ThroughPatch = _patches()
     stub = SimpleNamespace(items=[1, 2, 3])  # what vLLM's own unit tests pass as self
-    with applied(ThroughSelf):
-        with pytest.raises(AttributeError, match="_original_count"):
-            Counter.count(stub)  # type: ignore[arg-type]
+    with applied(ThroughSelf), pytest.raises(AttributeError, match="_original_count"):
+        Counter.count(stub)  # type: ignore[arg-type]
     with applied(ThroughPatch):
         assert Counter.count(stub) == 103  # type: ignore[arg-type]
         assert Counter().count() == 102

@@ -105,6 +105,8 @@ def test_additions_are_reported_in_status_and_log(caplog: pytest.LogCaptureFixtu
     assert status.state == "applied"
     assert status.overrides == ("own",) and status.additions == ("brand_new",)
     assert any(
-        "Applied patch 'Mixed'" in r.getMessage() and "overrides own" in r.getMessage() and "adds brand_new" in r.getMessage()
+        "Applied patch 'Mixed'" in r.getMessage()
+        and "overrides own" in r.getMessage()
+        and "adds brand_new" in r.getMessage()
         for r in caplog.records
     )

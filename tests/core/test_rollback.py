@@ -155,10 +155,9 @@ def test_rollback_all_goes_in_reverse_order() -> None:
 def test_applied_context_manager_rolls_back_on_error() -> None:
     before = snapshot_namespace(Target)
     patch = _full_patch()
-    with pytest.raises(RuntimeError, match="inside"):
-        with applied(patch):
-            assert Target().own() == "p"
-            raise RuntimeError("inside")
+    with pytest.raises(RuntimeError, match="inside"), applied(patch):
+        assert Target().own() == "p"
+        raise RuntimeError("inside")
     before.assert_unchanged()
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-
 from _helpers import captured_logs, clean_env, forget_modules, fresh_plugin
+
 from vllm_custom_patches import PatchManager, PatchState, PatchStatus, PatchTargetError, VLLMPatch, plugin
 
 LAZY = "vcp_lazy_target"

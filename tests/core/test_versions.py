@@ -186,7 +186,9 @@ def test_min_gate_rejects_older(installed: str, monkeypatch: pytest.MonkeyPatch)
     assert status.state == "skipped" and status.versions == ">=0.11.1" and "requires" in status.reason
 
 
-@pytest.mark.parametrize(("installed", "ok"), [("0.39.9", True), ("0.40.0rc1", False), ("0.40", False), ("0.41", False)])
+@pytest.mark.parametrize(
+    ("installed", "ok"), [("0.39.9", True), ("0.40.0rc1", False), ("0.40", False), ("0.41", False)]
+)
 def test_max_gate_is_exclusive(installed: str, ok: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV_VLLM_VERSION, installed)
     patch = _gated(max_vllm_version("0.40"))

@@ -38,7 +38,11 @@ def test_define_apply_rollback_with_vllm_unimportable() -> None:
 
 def test_importing_the_package_imports_no_vllm_module() -> None:
     result = subprocess.run(
-        [sys.executable, "-c", "import sys, vllm_custom_patches; print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))"],
+        [
+            sys.executable,
+            "-c",
+            "import sys, vllm_custom_patches; print(sorted(m for m in sys.modules if m.split('.')[0] == 'vllm'))",
+        ],
         capture_output=True,
         text=True,
         timeout=60,

@@ -8,7 +8,7 @@ import pytest
 
 pytest_plugins = ["pytester"]
 
-_TARGET_AND_PATCH = '''
+_TARGET_AND_PATCH = """
 from vllm_custom_patches import VLLMPatch
 
 
@@ -22,7 +22,7 @@ class Prefix(VLLMPatch[Engine]):
 
     def step(self):
         return "patched:" + Prefix.original("step")(self)
-'''
+"""
 
 
 def test_the_plugin_is_installed_as_a_pytest11_entry_point() -> None:
@@ -78,4 +78,6 @@ def test_vllm_patches_fails_a_test_whose_patch_cannot_be_rolled_back(pytester: p
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1, errors=1)
-    result.stdout.fnmatch_lines(["*rolling back 'kit_prefix' failed: PatchConflictError*", "*still applied after rollback: ?'kit_prefix'?*"])
+    result.stdout.fnmatch_lines(
+        ["*rolling back 'kit_prefix' failed: PatchConflictError*", "*still applied after rollback: ?'kit_prefix'?*"]
+    )

@@ -57,7 +57,14 @@ def test_rollback_then_undo_restores_the_patch_and_a_second_undo_does_nothing(pa
     before = snapshot_namespace(Target)
     PatchManager.apply(patch)
     result = perform("rollback", "switchable", "op1", "test")
-    assert result == {"ok": True, "changed": True, "relevant": True, "state": "available", "error": None, "waiting": False}
+    assert result == {
+        "ok": True,
+        "changed": True,
+        "relevant": True,
+        "state": "available",
+        "error": None,
+        "waiting": False,
+    }
     assert Target().run() == "original"
     before.assert_unchanged()  # exactly as before the patch
     undone = undo("op1", "test")
@@ -158,7 +165,9 @@ def _engine(dp_rank: int, ok: bool) -> Any:
 
 def test_one_engine_core_refusing_undoes_the_change_everywhere(patch: Any) -> None:
     PatchManager.apply(patch)
-    core = _EngineCoreClient({(0).to_bytes(2, "little"): _engine(0, ok=True), (1).to_bytes(2, "little"): _engine(1, ok=False)})
+    core = _EngineCoreClient(
+        {(0).to_bytes(2, "little"): _engine(0, ok=True), (1).to_bytes(2, "little"): _engine(1, ok=False)}
+    )
     report = asyncio.run(change(_EngineClient(core), "rollback", "switchable", "test"))
     assert report["ok"] is False
     # The API server (this process) rolled back, then put the patch back.
@@ -180,10 +189,17 @@ def test_an_engine_core_that_does_not_answer_fails_the_change_and_it_is_undone(p
     report = asyncio.run(change(_EngineClient(core), "rollback", "switchable", "test"))
     assert report["ok"] is False and _state("switchable") == "applied"
     silent = report["processes"][1]
-    assert (silent["role"], silent["dp_rank"], silent["ok"], silent["error"]) == ("engine_core", 0, False, "did not answer in time")
+    assert (silent["role"], silent["dp_rank"], silent["ok"], silent["error"]) == (
+        "engine_core",
+        0,
+        False,
+        "did not answer in time",
+    )
     # It could not be asked to undo either: whether it rolled back is unknown, which is not "undone everywhere".
     assert report["outcome"] == "inconsistent"
-    assert [(p["description"], p["error"]) for p in report["undo_failed"]] == [("engine_core dp_rank=0", "did not answer in time")]
+    assert [(p["description"], p["error"]) for p in report["undo_failed"]] == [
+        ("engine_core dp_rank=0", "did not answer in time")
+    ]
     PatchManager.rollback("switchable")
 
 
@@ -220,7 +236,9 @@ def test_the_body_is_optional_and_checked(raw: bytes, reason: str, problem: str 
     assert (got_problem is None) if problem is None else (problem in str(got_problem))
 
 
-@pytest.mark.parametrize(("token", "enabled"), [(None, False), ("", False), ("short", False), (" " + "x" * 20, False), ("x" * 16, True)])
+@pytest.mark.parametrize(
+    ("token", "enabled"), [(None, False), ("", False), ("short", False), (" " + "x" * 20, False), ("x" * 16, True)]
+)
 def test_the_control_routes_need_a_long_token(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, token: str | None, enabled: bool
 ) -> None:
@@ -265,7 +283,12 @@ class _EngineCore:
 
 
 def test_an_engine_core_reports_itself_with_its_data_parallel_rank_and_forwards_to_its_workers(patch: Any) -> None:
-    from vllm_custom_patches._ops.agent import STATUS_METHOD, WORKER_TIMEOUT_S, _engine_core_control, _engine_core_status
+    from vllm_custom_patches._ops.agent import (
+        STATUS_METHOD,
+        WORKER_TIMEOUT_S,
+        _engine_core_control,
+        _engine_core_status,
+    )
 
     worker = {"role": "worker", "pid": 7, "applied": ["switchable"]}
     core = _EngineCore([worker, worker])

@@ -29,10 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from _helpers import captured_logs, clean_env, forget_modules, fresh_plugin
+
 from vllm_custom_patches import PatchManager, VLLMPatch, plugin
-from vllm_custom_patches._ops.agent import CONTROL_METHOD, STATUS_METHOD, install_responders, process_record, unreachable_record
+from vllm_custom_patches._ops.agent import (
+    CONTROL_METHOD,
+    STATUS_METHOD,
+    install_responders,
+    process_record,
+    unreachable_record,
+)
 from vllm_custom_patches._ops.control import perform, undo
 from vllm_custom_patches.testing import isolated_registry
 
@@ -136,7 +142,9 @@ def test_a_signature_made_with_another_token_is_refused(patch: Any, monkeypatch:
 
 
 @pytest.mark.usefixtures("no_vllm_process_groups")
-def test_a_signed_call_runs_once_a_replay_or_a_stale_one_is_refused(patch: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_signed_call_runs_once_a_replay_or_a_stale_one_is_refused(
+    patch: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from vllm_custom_patches._ops import auth as _auth
 
     signed = _auth.sign("rollback", "hardened", "op-once", "ops")
@@ -195,7 +203,9 @@ def test_an_engine_core_without_the_control_method_is_reported_with_the_fix() ->
     from vllm_custom_patches._ops.fleet import engine_failure
 
     # What vLLM's engine client raises for a utility method the engine core does not have.
-    missing = Exception(f"Call to {CONTROL_METHOD} method failed: 'EngineCoreProc' object has no attribute '{CONTROL_METHOD}'")
+    missing = Exception(
+        f"Call to {CONTROL_METHOD} method failed: 'EngineCoreProc' object has no attribute '{CONTROL_METHOD}'"
+    )
     assert engine_failure(missing).startswith(
         "the kill switch is not enabled in this engine core (is VLLM_CUSTOM_PATCHES_CONTROL_TOKEN set in its environment"
     )
@@ -330,7 +340,14 @@ def _import_lazy() -> Any:
 
 def test_a_rollback_disarms_a_patch_that_waits_for_its_import(lazy: Any) -> None:
     result = perform("rollback", "lazy_patch", "op-l1", "ops")
-    assert result == {"ok": True, "changed": True, "relevant": True, "state": "available", "error": None, "waiting": True}
+    assert result == {
+        "ok": True,
+        "changed": True,
+        "relevant": True,
+        "state": "available",
+        "error": None,
+        "waiting": True,
+    }
     module = _import_lazy()  # the first import after the rollback: the patch stays off
     assert module.Lazy().run() == "original"
     assert _state("lazy_patch") == "available" and not PatchManager.is_applied("lazy_patch")
@@ -385,11 +402,10 @@ def test_a_patch_armed_by_the_switch_that_cannot_apply_at_import_is_skipped_not_
 
 
 def test_the_switch_reports_the_disarm_as_a_change_in_this_process(lazy: Any) -> None:
-    from vllm_custom_patches._ops.switch import change
-
     import io
 
     from vllm_custom_patches._ops.remote import print_control
+    from vllm_custom_patches._ops.switch import change
 
     report = asyncio.run(change(None, "rollback", "lazy_patch", "ops"))
     assert report["ok"] and report["processes"][0]["changed"] and report["processes"][0]["relevant"]
@@ -410,7 +426,7 @@ class _Engines:
         self.core_engines = [rank.to_bytes(2, "little") for rank in scripts]
         self.engine_core = self
         self.scripts = scripts
-        self.applied = {rank: True for rank in scripts}
+        self.applied = dict.fromkeys(scripts, True)
 
     async def _call_utility_async(self, method: str, *args: Any, engine: bytes) -> Any:
         rank = int.from_bytes(engine, "little")
@@ -514,7 +530,11 @@ def test_the_route_answers_500_inconsistent_and_the_status_shows_the_mixed_state
     assert applied == {"api_server": ["hardened"], "engine_core": []}  # the mixed state
     assert status["consistent"] is False
     (left,) = status["unsettled"]
-    assert (left["patch"], left["action"], left["processes"]) == ("hardened", "rollback", ["engine_core dp_rank=0 pid=4000 on node"])
+    assert (left["patch"], left["action"], left["processes"]) == (
+        "hardened",
+        "rollback",
+        ["engine_core dp_rank=0 pid=4000 on node"],
+    )
 
     # Settled by an operation on the patch that is done everywhere.
     monkeypatch.setattr(Target, "run", grafted)
@@ -528,7 +548,7 @@ def test_the_route_answers_500_inconsistent_and_the_status_shows_the_mixed_state
 class _Canned(http.server.BaseHTTPRequestHandler):
     answer: tuple[int, bytes] = (500, b"")
 
-    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+    def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         code, body = self.answer
         self.send_response(code)

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from vllm_custom_patches import PatchManager, VLLMPatch
-from vllm_custom_patches._ops.agent import STATUS_METHOD, install_responders, process_record
 from vllm_custom_patches._cli.main import main as cli_main
+from vllm_custom_patches._ops.agent import STATUS_METHOD, install_responders, process_record
 from vllm_custom_patches._ops.fleet import analyse, describe_process
 from vllm_custom_patches.testing import isolated_registry
 
@@ -146,7 +146,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     answers: dict[str, tuple[int, bytes]] = {}
     seen_auth: list[str | None] = []
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         type(self).seen_auth.append(self.headers.get("Authorization"))
         code, body = self.answers.get(self.path, (404, b'{"detail":"Not Found"}'))
         self.send_response(code)

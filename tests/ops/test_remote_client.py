@@ -120,7 +120,9 @@ def test_a_redirect_is_refused_and_nothing_reaches_where_it_points(
     ]
 
 
-def test_a_redirect_without_a_location_is_refused_too(servers: Callable[[], _Server], capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_redirect_without_a_location_is_refused_too(
+    servers: Callable[[], _Server], capsys: pytest.CaptureFixture[str]
+) -> None:
     server = servers()
     server.answer(302)
     assert cli_main(_argv("status", server.url)) == 2
@@ -176,7 +178,9 @@ class _RawServer:
     def _complete(self) -> bool:
         # The whole request, body included: closing with unread bytes would be a reset, not a close.
         head, found, body = self.received.partition(b"\r\n\r\n")
-        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0)
+        length = next(
+            (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+        )
         return bool(found) and len(body) >= length
 
     def close(self) -> None:
@@ -208,7 +212,11 @@ def raw_server() -> Iterator[Callable[[bytes | None], _RawServer]]:
 )
 @pytest.mark.parametrize("command", ["status", "rollback", "apply"])
 def test_a_peer_that_does_not_answer_http(
-    raw_server: Callable[[bytes | None], _RawServer], capsys: pytest.CaptureFixture[str], command: str, reply: bytes, what: str
+    raw_server: Callable[[bytes | None], _RawServer],
+    capsys: pytest.CaptureFixture[str],
+    command: str,
+    reply: bytes,
+    what: str,
 ) -> None:
     server = raw_server(reply)
     assert cli_main(_argv(command, server.url, "--timeout", "30")) == 2
@@ -270,7 +278,9 @@ def test_a_malformed_url(capsys: pytest.CaptureFixture[str], command: str, url: 
     assert cli_main(_argv(command, url)) == 2
     err = _one_clear_line(capsys.readouterr().err)
     assert f"--url {url!r} {what}" in err
-    assert "give the server's base address, e.g. http://127.0.0.1:8000" in err or "pass the API key with --api-key" in err
+    assert (
+        "give the server's base address, e.g. http://127.0.0.1:8000" in err or "pass the API key with --api-key" in err
+    )
 
 
 @pytest.mark.parametrize("command", ["status", "rollback"])
@@ -325,7 +335,14 @@ def _control_report(ok: bool) -> dict[str, Any]:
         {**_process("engine_core", [], dp_rank=0), "ok": ok, "changed": False, "relevant": True, "state": "applied",
          "error": None if ok else "PatchConflictError: outside change", "undo_error": None},
     ]  # fmt: skip
-    return {"ok": ok, "action": "rollback", "patch": "fair_share", "op_id": "abc", "elapsed_s": 0.01, "processes": processes}
+    return {
+        "ok": ok,
+        "action": "rollback",
+        "patch": "fair_share",
+        "op_id": "abc",
+        "elapsed_s": 0.01,
+        "processes": processes,
+    }
 
 
 @pytest.mark.parametrize(
@@ -335,8 +352,14 @@ def _control_report(ok: bool) -> dict[str, Any]:
         ({"processes": [], "consistent": "yes"}, "answer.consistent is str, not bool"),
         ({"processes": []}, "answer.consistent is missing"),
         ({"processes": [{"applied": "trace"}], "consistent": True}, "answer.processes[0].applied is not a list"),
-        ({"processes": [{"applied": [["trace"]]}], "consistent": True}, "answer.processes[0].applied[0] is list, not str"),
-        ({"processes": [{"patches": [{"state": "x"}]}], "consistent": True}, "answer.processes[0].patches[0].name is missing"),
+        (
+            {"processes": [{"applied": [["trace"]]}], "consistent": True},
+            "answer.processes[0].applied[0] is list, not str",
+        ),
+        (
+            {"processes": [{"patches": [{"state": "x"}]}], "consistent": True},
+            "answer.processes[0].patches[0].name is missing",
+        ),
         ({"processes": [], "consistent": False, "errors": [{"error": "x"}]}, "answer.errors[0].description is missing"),
         ({"processes": [], "consistent": False, "inconsistencies": {}}, "answer.inconsistencies is not a list"),
     ],

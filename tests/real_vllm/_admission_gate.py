@@ -77,7 +77,9 @@ def wait_held(log: Path, count: int, timeout: float = 120) -> list[int]:
     """Wait until the gate has logged ``count`` held requests; the prompt lengths held at the last one."""
     deadline = time.monotonic() + timeout
     while held_lines(log) < count:
-        assert time.monotonic() < deadline, f"the admission gate held {held_lines(log)} requests, not {count}, within {timeout:.0f}s"
+        assert time.monotonic() < deadline, (
+            f"the admission gate held {held_lines(log)} requests, not {count}, within {timeout:.0f}s"
+        )
         time.sleep(0.01)
     held: list[int] = json.loads(log.read_text().splitlines()[count - 1])["held"]
     return held

@@ -113,7 +113,9 @@ def start_child(mode: str, spec: Mapping[str, Any], env: Mapping[str, str], work
     return Child(proc, out, log, time.monotonic())
 
 
-def run_child(mode: str, spec: Mapping[str, Any], env: Mapping[str, str], workdir: Path, timeout: float = 600) -> dict[str, Any]:
+def run_child(
+    mode: str, spec: Mapping[str, Any], env: Mapping[str, str], workdir: Path, timeout: float = 600
+) -> dict[str, Any]:
     return start_child(mode, spec, env, workdir).result(timeout)
 
 
@@ -294,7 +296,9 @@ def wait_ready(port: int, procs: Mapping[Path, subprocess.Popen[bytes]], timeout
     while True:
         for log, proc in procs.items():
             if proc.poll() is not None:
-                raise ChildFailed(f"vLLM process exited with {proc.returncode} during start-up ({log.name}):\n{tail(log)}")
+                raise ChildFailed(
+                    f"vLLM process exited with {proc.returncode} during start-up ({log.name}):\n{tail(log)}"
+                )
         if time.monotonic() - started > timeout:
             logs = "\n".join(f"--- {log.name}\n{tail(log)}" for log in procs)
             raise ChildFailed(f"vLLM server not ready after {timeout:.0f}s:\n{logs}")
@@ -319,7 +323,9 @@ def _process_tree() -> list[dict[str, Any]]:
     tree = []
     for proc in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
-            tree.append({"pid": proc.pid, "ppid": proc.ppid(), "name": proc.name(), "cmdline": " ".join(proc.cmdline())})
+            tree.append(
+                {"pid": proc.pid, "ppid": proc.ppid(), "name": proc.name(), "cmdline": " ".join(proc.cmdline())}
+            )
     return tree
 
 
@@ -356,7 +362,9 @@ def _engine_main(spec: dict[str, Any]) -> dict[str, Any]:
                 ignore_eos=True,
                 extra_args={"tenant": request["tenant"]} if "tenant" in request else None,
             )
-            engine.add_request(f"{tag}:{request['id']}", {"prompt_token_ids": prompt_ids(index, request["len"])}, params)
+            engine.add_request(
+                f"{tag}:{request['id']}", {"prompt_token_ids": prompt_ids(index, request["len"])}, params
+            )
         finished: list[str] = []
         outputs: dict[str, list[int]] = {}
         while engine.has_unfinished_requests():
@@ -387,7 +395,11 @@ def _plugins_main(spec: dict[str, Any]) -> dict[str, Any]:
             for name in ("__init__", "schedule", "_update_after_schedule")
         }
     except Exception as exc:
-        result["error"] = {"type": type(exc).__name__, "message": str(exc), "mro": [c.__name__ for c in type(exc).__mro__]}
+        result["error"] = {
+            "type": type(exc).__name__,
+            "message": str(exc),
+            "mro": [c.__name__ for c in type(exc).__mro__],
+        }
     from vllm_custom_patches import PatchManager
 
     result["applied"] = PatchManager.applied()

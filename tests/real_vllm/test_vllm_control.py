@@ -103,7 +103,9 @@ def server(vllm_workspace: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 def _request(url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    request = urllib.request.Request(url, data=data, headers=headers or {}, method="POST" if data is not None else "GET")
+    request = urllib.request.Request(
+        url, data=data, headers=headers or {}, method="POST" if data is not None else "GET"
+    )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, json.loads(response.read())
@@ -115,7 +117,9 @@ def _request(url: str, *, data: bytes | None = None, headers: dict[str, str] | N
             return exc.code, body
 
 
-def _control(server: ControlServer, action: str, name: str, *, token: str | None = TOKEN, body: bytes = b"{}") -> tuple[int, Any]:
+def _control(
+    server: ControlServer, action: str, name: str, *, token: str | None = TOKEN, body: bytes = b"{}"
+) -> tuple[int, Any]:
     headers = {"Content-Type": "application/json"}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
@@ -297,7 +301,11 @@ def _metric(server: ControlServer, patch: str) -> dict[str, float]:
     with urllib.request.urlopen(f"{server.url}/metrics", timeout=30) as response:
         text = response.read().decode()
     (family,) = [f for f in text_string_to_metric_families(text) if f.name == "vllm_custom_patches_applied"]
-    return {s.labels["tp_rank"]: s.value for s in family.samples if s.labels["patch"] == patch and s.labels["role"] == "worker"}
+    return {
+        s.labels["tp_rank"]: s.value
+        for s in family.samples
+        if s.labels["patch"] == patch and s.labels["role"] == "worker"
+    }
 
 
 def test_a_worker_patch_is_switched_off_and_on_in_both_tensor_parallel_ranks(server: ControlServer) -> None:

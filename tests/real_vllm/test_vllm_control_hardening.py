@@ -82,7 +82,9 @@ def server(vllm_workspace: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
         VCP_RANK_WITNESS_FILE=str(tmp / "ranks.jsonl"),
     )
     port, log = free_port(), tmp / "server.log"
-    proc = launch_serve(model, env, log, ["--host", "127.0.0.1", "--port", str(port), "--scheduling-policy", "priority"])
+    proc = launch_serve(
+        model, env, log, ["--host", "127.0.0.1", "--port", str(port), "--scheduling-policy", "priority"]
+    )
     try:
         print(f"priority policy, dev mode and control token: ready in {wait_ready(port, {log: proc}):.1f}s")
         yield HardeningServer(port, model, proc, log, tmp / "ranks.jsonl")
@@ -144,7 +146,9 @@ def _assert_worker_patch_live(server: HardeningServer) -> None:
 
 def _collective_rpc(server: HardeningServer, body: dict[str, Any]) -> tuple[int, Any]:
     """``POST /collective_rpc`` as anyone can send it in dev mode: no token."""
-    return request(f"{server.url}/collective_rpc", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    return request(
+        f"{server.url}/collective_rpc", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
 
 
 def _assert_route_reaches_the_workers(server: HardeningServer) -> None:
@@ -173,7 +177,9 @@ FORGERIES: dict[str, dict[str, Any]] = {
 
 
 @pytest.mark.parametrize("forgery", list(FORGERIES))
-def test_collective_rpc_without_the_switch_cannot_roll_back_a_worker_patch(server: HardeningServer, forgery: str) -> None:
+def test_collective_rpc_without_the_switch_cannot_roll_back_a_worker_patch(
+    server: HardeningServer, forgery: str
+) -> None:
     _assert_worker_patch_live(server)
     _assert_route_reaches_the_workers(server)
 

@@ -44,7 +44,7 @@ class NarrowSchedule(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
     def schedule(self):
         return self._original_schedule()
 ''',
-    "ghost.py": '''
+    "ghost.py": """
 from typing_extensions import override
 from vllm_custom_patches import VLLMPatch
 
@@ -53,8 +53,8 @@ class Ghost(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
     @override
     def schedule_everything(self):
         pass
-''',
-    "pair.py": '''
+""",
+    "pair.py": """
 from vllm_custom_patches import VLLMPatch
 
 
@@ -66,7 +66,7 @@ class FirstWrapper(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
 class SecondWrapper(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
     def schedule(self, *args, **kwargs):
         return SecondWrapper.original("schedule")(self, *args, **kwargs)
-''',
+""",
     "async_update.py": '''
 from vllm_custom_patches import VLLMPatch
 
@@ -99,7 +99,7 @@ class PrefixHit(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
     def _get_local_prefix_cache_hit(self, request):
         return PrefixHit.original("_get_local_prefix_cache_hit")(self, request)
 ''',
-    "init_wrapper.py": '''
+    "init_wrapper.py": """
 from vllm_custom_patches import VLLMPatch
 
 
@@ -107,7 +107,7 @@ class InitWrapper(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
     def __init__(self, *args, **kwargs):
         InitWrapper.original("__init__")(self, *args, **kwargs)
         self.init_wrapped = True
-''',
+""",
 }
 
 
@@ -130,12 +130,16 @@ def _environ(env: dict[str, str] | None, patch_dir: Path | None) -> dict[str, st
     return environ
 
 
-def _doctor(*args: str, env: dict[str, str] | None = None, patch_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _doctor(
+    *args: str, env: dict[str, str] | None = None, patch_dir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """``vllm-custom-patches ARGS`` run by the command's ``main()`` in this process: exit code, stdout, stderr."""
     return run_cli(args, _environ(env, patch_dir))
 
 
-def _console(*args: str, env: dict[str, str] | None = None, patch_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _console(
+    *args: str, env: dict[str, str] | None = None, patch_dir: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """The installed console script in a subprocess (it imports vLLM: about 10 s)."""
     return subprocess.run([CLI, *args], capture_output=True, text=True, env=_environ(env, patch_dir), timeout=300)
 
@@ -160,7 +164,10 @@ def test_an_override_that_cannot_take_the_originals_arguments_is_an_error_naming
     result = _doctor("doctor", "NarrowSchedule", patch_dir=patch_dir)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "NarrowSchedule: ERROR" in result.stdout
-    assert re.search(r"\[signature\] schedule\(self\) cannot take every call the original schedule\(self, throttle_prefills=False\) accepts: .*'throttle_prefills'", result.stdout), result.stdout
+    assert re.search(
+        r"\[signature\] schedule\(self\) cannot take every call the original schedule\(self, throttle_prefills=False\) accepts: .*'throttle_prefills'",
+        result.stdout,
+    ), result.stdout
 
 
 def test_a_member_the_target_does_not_have_and_a_conflict_are_errors(patch_dir: Path) -> None:
@@ -176,9 +183,14 @@ def test_a_member_the_target_does_not_have_and_a_conflict_are_errors(patch_dir: 
 
 
 def test_the_setup_checks_name_the_vllm_plugins_pitfalls_and_bad_settings(patch_dir: Path) -> None:
-    result = _doctor("doctor", "FirstWrapper", patch_dir=patch_dir, env={"VLLM_PLUGINS": "lora_filesystem_resolver, custom_patches"})
+    result = _doctor(
+        "doctor", "FirstWrapper", patch_dir=patch_dir, env={"VLLM_PLUGINS": "lora_filesystem_resolver, custom_patches"}
+    )
     assert result.returncode == 1
-    assert "with a space, which vLLM does not strip; write VLLM_PLUGINS=lora_filesystem_resolver,custom_patches" in result.stdout
+    assert (
+        "with a space, which vLLM does not strip; write VLLM_PLUGINS=lora_filesystem_resolver,custom_patches"
+        in result.stdout
+    )
     result = _doctor("doctor", "FirstWrapper", patch_dir=patch_dir, env={"VLLM_PLUGINS": "other"})
     assert result.returncode == 1 and "add it: VLLM_PLUGINS=other,custom_patches" in result.stdout
     result = _doctor("doctor", patch_dir=patch_dir, env={"VLLM_CUSTOM_PATCHES": "FirstWraper"})
@@ -216,7 +228,10 @@ def test_a_changed_original_is_a_warning_with_its_diff_and_an_error_once_locked(
     result = _doctor("doctor", "InitWrapper", "--vllm", NEXT, "--json", patch_dir=patch_dir)
     assert result.returncode == 0, result.stdout + result.stderr
     (drift,) = [f for f in _findings(result) if f["check"] == "drift"]
-    assert drift["severity"] == "warning" and "Scheduler.__init__ changed since vLLM 0.32.0 (installed)" in drift["message"]
+    assert (
+        drift["severity"] == "warning"
+        and "Scheduler.__init__ changed since vLLM 0.32.0 (installed)" in drift["message"]
+    )
     assert drift["detail"].startswith("--- __init__ (vLLM 0.32.0 (installed))\n+++ __init__ (checked)\n")
 
     locked = _doctor("lock", "InitWrapper", patch_dir=patch_dir)
@@ -234,7 +249,10 @@ def test_a_changed_original_is_a_warning_with_its_diff_and_an_error_once_locked(
 
     shown = _doctor("show", "InitWrapper", "--vllm", NEXT, patch_dir=patch_dir)
     assert shown.returncode == 0 and "CHANGED since locked" in shown.stdout
-    assert "original  __init__(self, vllm_config" in shown.stdout and "override  __init__(self, *args, **kwargs)" in shown.stdout
+    assert (
+        "original  __init__(self, vllm_config" in shown.stdout
+        and "override  __init__(self, *args, **kwargs)" in shown.stdout
+    )
 
 
 def test_the_readme_compatibility_matrix_is_what_doctor_finds() -> None:
@@ -248,7 +266,9 @@ def test_the_readme_compatibility_matrix_is_what_doctor_finds() -> None:
 def test_a_patch_on_a_member_a_subclass_overrides_without_super_is_an_error(patch_dir: Path) -> None:
     result = _doctor("doctor", "WorkerMemory", "--json", patch_dir=patch_dir)
     assert result.returncode == 1, result.stdout + result.stderr
-    reach = {f["message"].split(" ")[0]: f for f in _findings(result) if f["check"] == "reach" and f["severity"] == "error"}
+    reach = {
+        f["message"].split(" ")[0]: f for f in _findings(result) if f["check"] == "reach" and f["severity"] == "error"
+    }
     cpu = reach["vllm.v1.worker.cpu_worker:CPUWorker"]
     assert cpu["member"] == "determine_available_memory" and "without calling super()" in cpu["message"]
 
@@ -265,7 +285,16 @@ def test_a_parameter_the_original_gained_in_the_next_vllm_is_named(patch_dir: Pa
 def test_the_static_reading_finds_what_the_import_finds_on_the_installed_vllm(patch_dir: Path) -> None:
     import sysconfig
 
-    names = ["NarrowSchedule", "Ghost", "FirstWrapper", "SecondWrapper", "AsyncUpdate", "PrefixHit", "InitWrapper", *CATALOGUE]
+    names = [
+        "NarrowSchedule",
+        "Ghost",
+        "FirstWrapper",
+        "SecondWrapper",
+        "AsyncUpdate",
+        "PrefixHit",
+        "InitWrapper",
+        *CATALOGUE,
+    ]
 
     def findings(*extra: str) -> set[tuple[str, str, str, str]]:
         result = _doctor("doctor", *names, "--json", "-v", *extra, patch_dir=patch_dir)

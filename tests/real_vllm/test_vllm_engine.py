@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from _engine import SPF_REQUESTS, TENANT_REQUESTS, run_child, user_id
+
 from vllm_custom_patches_catalogue.scheduler_trace import read_trace
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

@@ -88,7 +88,9 @@ def _status(cluster: Cluster) -> dict[str, Any]:
 
 
 def _by_role(report: Mapping[str, Any], role: str) -> list[dict[str, Any]]:
-    return sorted((p for p in report["processes"] if p["role"] == role), key=lambda p: (p["dp_rank"], p["tp_rank"] or 0))
+    return sorted(
+        (p for p in report["processes"] if p["role"] == role), key=lambda p: (p["dp_rank"], p["tp_rank"] or 0)
+    )
 
 
 def _title(pid: int) -> str:
@@ -139,7 +141,9 @@ def dp_server(
     port = free_port()
     args = ["--host", "127.0.0.1", "--port", str(port), "--data-parallel-size", "2", "--api-key", API_KEY]
     log = tmp / "server.log"
-    cluster = _start(Cluster(port, str(vllm_workspace.model), {log: launch_serve(str(vllm_workspace.model), env, log, args)}, files))
+    cluster = _start(
+        Cluster(port, str(vllm_workspace.model), {log: launch_serve(str(vllm_workspace.model), env, log, args)}, files)
+    )
     print(f"data parallel 2 ready in {cluster.ready_s:.1f}s")
     try:
         yield cluster
@@ -207,7 +211,9 @@ def test_the_status_answers_while_the_server_serves_and_changes_nothing(dp_serve
         stop.set()
         for client in clients:
             client.join(timeout=120)
-    print(f"GET /custom_patches under load: median {statistics.median(timings) * 1000:.0f} ms, max {max(timings) * 1000:.0f} ms")
+    print(
+        f"GET /custom_patches under load: median {statistics.median(timings) * 1000:.0f} ms, max {max(timings) * 1000:.0f} ms"
+    )
     # The clients never let the queues drain: a status that waited for them would never have answered
     # (each GET gives up after 30 s, failing the test).  Its speed is printed, not asserted: it is the machine's.
     assert not failures, failures[:3]
@@ -345,7 +351,9 @@ def test_multi_node_patched_nodes_apply_everywhere_and_the_unpatched_node_is_nam
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    families = {f.name: f for f in text_string_to_metric_families(_get(f"{three_nodes.url}/metrics", key=None)[1].decode())}
+    families = {
+        f.name: f for f in text_string_to_metric_families(_get(f"{three_nodes.url}/metrics", key=None)[1].decode())
+    }
     values = {(s.labels["role"], s.labels["dp_rank"]): s.value for s in families["vllm_custom_patches_applied"].samples
               if s.labels["patch"] == "scheduler_trace"}  # fmt: skip
     assert (values[("engine_core", "0")], values[("engine_core", "1")], values[("engine_core", "2")]) == (1.0, 1.0, 0.0)

@@ -68,14 +68,23 @@ def fresh_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
             (reuse / entry.name).symlink_to(entry)
     purelib = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True, timeout=60,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
     ).stdout.strip()
     (Path(purelib) / "_vcp_installed_vllm.pth").write_text(f"{reuse}\n")
 
     probe = subprocess.run(
-        [str(python), "-c", "import importlib.util as u; print(bool(u.find_spec('vllm')), "
-         "bool(u.find_spec('vllm_custom_patches')))"],
-        capture_output=True, text=True, env=_env_without_project(), timeout=60,
+        [
+            str(python),
+            "-c",
+            "import importlib.util as u; print(bool(u.find_spec('vllm')), bool(u.find_spec('vllm_custom_patches')))",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env_without_project(),
+        timeout=60,
     )
     assert probe.stdout.split() == ["True", "False"], (
         "the fresh venv must see vLLM but not vllm-custom-patches: " + probe.stdout + probe.stderr
@@ -117,12 +126,16 @@ def test_build_script_installs_into_a_fresh_venv_and_passes_patches_that_fit(
     result, _ = _build(
         vllm_workspace,
         fresh_python,
-        "--patch-dir", str(IMAGE_PATCHES),
-        "--patch-dest", str(dest),
+        "--patch-dir",
+        str(IMAGE_PATCHES),
+        "--patch-dest",
+        str(dest),
         # A file patch from the image's directory and two catalogue patches, one
         # of them needing a setting, given for the check as a build would.
-        "--select", "AdmissionLog,shortest_prompt_first,scheduler_trace",
-        "--check-env", f"VLLM_CUSTOM_PATCHES_TRACE_FILE={tmp_path / 'trace.jsonl'}",
+        "--select",
+        "AdmissionLog,shortest_prompt_first,scheduler_trace",
+        "--check-env",
+        f"VLLM_CUSTOM_PATCHES_TRACE_FILE={tmp_path / 'trace.jsonl'}",
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -133,7 +146,11 @@ def test_build_script_installs_into_a_fresh_venv_and_passes_patches_that_fit(
     # Installed from the source tree into the fresh venv: a real install, not the checkout.
     where = subprocess.run(
         [str(fresh_python), "-c", "import vllm_custom_patches, sys; print(vllm_custom_patches.__file__)"],
-        capture_output=True, text=True, env=_env_without_project(), timeout=60, check=True,
+        capture_output=True,
+        text=True,
+        env=_env_without_project(),
+        timeout=60,
+        check=True,
     ).stdout.strip()
     assert Path(where).is_relative_to(fresh_python.parents[1]), where
     assert _build_outputs() == before, "the script must build from a copy, not write into the source tree"
@@ -173,9 +190,12 @@ def test_build_script_fails_on_a_patch_that_does_not_fit_and_names_it(
     result, _ = _build(
         vllm_workspace,
         fresh_python,
-        "--patch-dir", str(patch_dir),
-        "--patch-dest", str(tmp_path / "dest"),
-        "--select", "AdmissionLog,Misfit",
+        "--patch-dir",
+        str(patch_dir),
+        "--patch-dest",
+        str(tmp_path / "dest"),
+        "--select",
+        "AdmissionLog,Misfit",
     )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output

@@ -30,9 +30,8 @@ def test_a_stub_self_reaches_the_real_schedulers_original_through_the_patch() ->
     stub = SimpleNamespace(running=["a"], waiting=["b", "c"], kv_holding_waiting=["d"])
     before = snapshot_namespace(Scheduler)
     assert Scheduler.get_request_counts(stub) == (1, 3)  # type: ignore[arg-type]
-    with applied(CountsThroughSelf):
-        with pytest.raises(AttributeError, match="_original_get_request_counts"):
-            Scheduler.get_request_counts(stub)  # type: ignore[arg-type]
+    with applied(CountsThroughSelf), pytest.raises(AttributeError, match="_original_get_request_counts"):
+        Scheduler.get_request_counts(stub)  # type: ignore[arg-type]
     with applied(CountsThroughPatch):
         assert Scheduler.get_request_counts(stub) == (1, 3)  # type: ignore[arg-type]
     before.assert_unchanged()

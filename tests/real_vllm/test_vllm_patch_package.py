@@ -73,8 +73,14 @@ def test_the_package_s_own_test_suite_passes(vllm_workspace: VllmWorkspace, tmp_
     started = time.monotonic()
     done = subprocess.run(
         [
-            sys.executable, "-m", "pytest", str(PACKAGE_DIR.relative_to(ROOT) / "tests"),
-            "-q", "-p", "no:cacheprovider", f"--basetemp={tmp_path / 'basetemp'}",
+            sys.executable,
+            "-m",
+            "pytest",
+            str(PACKAGE_DIR.relative_to(ROOT) / "tests"),
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--basetemp={tmp_path / 'basetemp'}",
         ],  # fmt: skip
         capture_output=True,
         text=True,

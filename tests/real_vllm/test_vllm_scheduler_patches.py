@@ -10,10 +10,6 @@ from typing import Any
 import pytest
 from packaging.specifiers import SpecifierSet
 
-# Imported at collection time, so the patches are registered before the
-# registry isolation of each test (tests/conftest.py) takes its copy.
-from vllm_custom_patches_catalogue import fair_share, scheduler_trace, shortest_prompt_first
-
 from vllm_custom_patches import (
     PatchConfigError,
     PatchConflictError,
@@ -22,6 +18,10 @@ from vllm_custom_patches import (
     PatchVersionError,
 )
 from vllm_custom_patches.testing import snapshot_namespace
+
+# Imported at collection time, so the patches are registered before the
+# registry isolation of each test (tests/conftest.py) takes its copy.
+from vllm_custom_patches_catalogue import fair_share, scheduler_trace, shortest_prompt_first
 
 pytestmark = pytest.mark.vllm
 
@@ -119,7 +119,9 @@ def test_a_bad_setting_fails_the_apply_and_changes_nothing(
     assert status.state is PatchState.FAILED
 
 
-def test_settings_are_read_when_the_patch_is_applied(classes: tuple[type, type], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_settings_are_read_when_the_patch_is_applied(
+    classes: tuple[type, type], monkeypatch: pytest.MonkeyPatch
+) -> None:
     scheduler, _ = classes
     monkeypatch.setenv("VLLM_CUSTOM_PATCHES_SPF_MAX_WAIT_S", "12.5")
     shortest_prompt_first.ShortestPromptFirst.apply()
@@ -131,7 +133,9 @@ def test_settings_are_read_when_the_patch_is_applied(classes: tuple[type, type],
     assert scheduler._spf_settings.max_wait_s == 3.0  # type: ignore[attr-defined]
 
 
-def test_the_version_gate_refuses_other_vllm_versions(classes: tuple[type, type], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_version_gate_refuses_other_vllm_versions(
+    classes: tuple[type, type], monkeypatch: pytest.MonkeyPatch
+) -> None:
     scheduler, _ = classes
     before = snapshot_namespace(scheduler)
     monkeypatch.setenv("VLLM_CUSTOM_PATCHES_VLLM_VERSION", "0.34.0")
@@ -212,8 +216,12 @@ def _real_scheduler(directory: Path, policy: str, cls: Any = None) -> Any:
 
     from vllm_custom_patches.testing import write_tiny_model
 
-    model = ModelConfig(model=str(write_tiny_model(directory)), skip_tokenizer_init=True, max_model_len=128, dtype="float32")
-    cache = CacheConfig(block_size=16, cache_dtype="auto", enable_prefix_caching=False)  # its requests carry no block hashes
+    model = ModelConfig(
+        model=str(write_tiny_model(directory)), skip_tokenizer_init=True, max_model_len=128, dtype="float32"
+    )
+    cache = CacheConfig(
+        block_size=16, cache_dtype="auto", enable_prefix_caching=False
+    )  # its requests carry no block hashes
     cache.num_gpu_blocks = 64
     config = VllmConfig(
         model_config=model,
@@ -225,7 +233,10 @@ def _real_scheduler(directory: Path, policy: str, cls: Any = None) -> Any:
     spec = FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=64, dtype=torch.float32)
     kv_cache = KVCacheConfig(num_blocks=64, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)])
     return (cls or Scheduler)(
-        vllm_config=config, kv_cache_config=kv_cache, structured_output_manager=StructuredOutputManager(config), block_size=16
+        vllm_config=config,
+        kv_cache_config=kv_cache,
+        structured_output_manager=StructuredOutputManager(config),
+        block_size=16,
     )
 
 

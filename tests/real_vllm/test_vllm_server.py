@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 from _engine import Server, start_server, stop_server, tail, user_id
+
 from vllm_custom_patches_catalogue.scheduler_trace import read_trace
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -61,7 +62,10 @@ def _wait_for_trace(server: Server, internal_prefix: str, timeout: float = 60) -
     while True:
         assert server.trace is not None
         trace = read_trace(server.trace)
-        if any(user_id(rid).startswith(internal_prefix) for line in trace for rid in line["new"]) or time.monotonic() > deadline:
+        if (
+            any(user_id(rid).startswith(internal_prefix) for line in trace for rid in line["new"])
+            or time.monotonic() > deadline
+        ):
             return trace
         time.sleep(0.2)
 
@@ -102,7 +106,9 @@ def test_the_server_answers_an_openai_client_and_its_engine_core_ran_the_patches
     assert engine_pid not in (server.proc.pid, os.getpid())
 
     # The plugin's own log lines from that process (vLLM's log) name both patches.
-    engine_lines = [line for line in server.log.read_text(errors="replace").splitlines() if f"[pid {engine_pid}]" in line]
+    engine_lines = [
+        line for line in server.log.read_text(errors="replace").splitlines() if f"[pid {engine_pid}]" in line
+    ]
     assert any("'fair_share'" in line for line in engine_lines), engine_lines
     assert any("'scheduler_trace'" in line for line in engine_lines), engine_lines
 

@@ -17,7 +17,7 @@ from vllm_custom_patches.testing import DEFAULT_PROMPTS, EngineRunError, run_eng
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-_MISFIT = '''
+_MISFIT = """
 from typing_extensions import override
 
 from vllm_custom_patches import VLLMPatch
@@ -27,7 +27,7 @@ class Misfit(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
     @override
     def schedule_v2(self):
         return None
-'''
+"""
 
 
 def test_a_multiprocess_engine_reports_the_patch_from_the_engine_core(vllm_engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

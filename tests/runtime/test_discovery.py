@@ -10,8 +10,8 @@ from pathlib import Path
 
 import importlib_metadata
 import pytest
+from _helpers import captured_logs, clean_env, fresh_plugin, installed_dists, on_sys_path
 
-from _helpers import captured_logs, clean_env, fresh_plugin, on_sys_path, installed_dists
 from vllm_custom_patches import (
     PatchConfigError,
     PatchDefinitionError,
@@ -166,7 +166,7 @@ def test_unknown_names_list_entry_points_and_suggest(dists: Path, monkeypatch: p
 
 # -- VLLM_CUSTOM_PATCHES_PATH --------------------------------------------------------
 
-PATCH_FILE = '''
+PATCH_FILE = """
 from vllm_custom_patches import VLLMPatch
 
 
@@ -180,7 +180,7 @@ class FilePatch{n}(VLLMPatch[Target{n}]):
 
     def run(self):
         return "patched"
-'''
+"""
 
 
 def write(path: Path, text: str, mode: int = 0o644) -> Path:

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, example, given, settings
-from packaging.version import Version
-from hypothesis import strategies as st
-
 from _helpers import clean_env, fresh_plugin
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
+from packaging.version import Version
+
 from vllm_custom_patches import (
     PatchConfigError,
     PatchError,
@@ -46,9 +46,9 @@ from vllm_custom_patches import (
     min_vllm_version,
     plugin,
 )
-from vllm_custom_patches._runtime import activation as _activation
 from vllm_custom_patches._core.graft import MISSING
 from vllm_custom_patches._core.versions import _installed_vllm_version, release_of
+from vllm_custom_patches._runtime import activation as _activation
 from vllm_custom_patches.testing import snapshot_namespace
 
 ENV_PATCHES = "VLLM_CUSTOM_PATCHES"
@@ -117,7 +117,7 @@ def define_patches() -> type:
     return FuzzTarget
 
 
-FILE_PATCH = '''
+FILE_PATCH = """
 from vllm_custom_patches import VLLMPatch
 
 
@@ -131,7 +131,7 @@ class FilePatch(VLLMPatch[FileTarget]):
 
     def run(self):
         return "patched:" + self._original_run()
-'''
+"""
 
 
 # -- the file system the PATH values point into ----------------------------------------------
@@ -256,7 +256,7 @@ def run_register(values: dict[str, str | None]) -> Outcome:
             error: BaseException | None = None
             try:
                 plugin.register()
-            except Exception as exc:  # noqa: BLE001 - judged below
+            except Exception as exc:
                 error = exc
             applied = PatchManager.applied()
             check_target_whole(before, applied)
@@ -274,7 +274,9 @@ def check_target_whole(before: Any, applied: list[str]) -> None:
     """Exactly the members of the applied patches changed: none half-applied, nothing else touched."""
     target = before.cls
     now = dict(vars(target))
-    changed = {n for n in before.entries.keys() | now.keys() if before.entries.get(n, MISSING) is not now.get(n, MISSING)}
+    changed = {
+        n for n in before.entries.keys() | now.keys() if before.entries.get(n, MISSING) is not now.get(n, MISSING)
+    }
     expected = set().union(*(MEMBERS[name] for name in applied if name in MEMBERS))
     assert changed == expected, f"applied {applied}, but changed {sorted(changed)}:\n" + "\n".join(before.changes())
     step = "a(original)" if "fz_a" in applied else "c" if "fz_c" in applied else "original"
@@ -334,7 +336,9 @@ def judge(values: dict[str, str | None], outcome: Outcome) -> None:
     problems = listed.rsplit("\nFix the patch or the setting named above", 1)[0].split("\n  - ")
     for line in problems:
         if line.startswith(ENV_PATH + ":"):
-            assert any(fix in line for fix in ("chmod go-w", "directories", "rename", "cannot read", "cannot list")), line
+            assert any(fix in line for fix in ("chmod go-w", "directories", "rename", "cannot read", "cannot list")), (
+                line
+            )
         elif "requires vLLM" in line:
             version = (values.get(ENV_VERSION) or "").strip()
             if version:
@@ -349,13 +353,13 @@ def judge(values: dict[str, str | None], outcome: Outcome) -> None:
 
 # -- properties ------------------------------------------------------------------------------
 
-_env_text = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40
-)
+_env_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=40)
 """Any text an environment variable can hold (no NUL, no lone surrogate)."""
 
 _tokens = st.lists(
-    st.sampled_from(["fz_a", "fz_b", "fz_c", "fz_d", "fz_file", "fz_zz", "*", "-fz_a", "-fz_c", "-", " ", "", "é", "1x"]),
+    st.sampled_from(
+        ["fz_a", "fz_b", "fz_c", "fz_d", "fz_file", "fz_zz", "*", "-fz_a", "-fz_c", "-", " ", "", "é", "1x"]
+    ),
     min_size=1,
     max_size=6,
 ).map(",".join)
@@ -495,7 +499,11 @@ def test_odd_path_values(tree: Tree, path: str, refused: bool, strict: str) -> N
 
 
 def test_group_or_other_writable_entries_never_run(tree: Tree) -> None:
-    values = {ENV_PATCHES: "*", ENV_PATH: os.pathsep.join(["open777", "group775", "openfile", "link777"]), ENV_STRICT: "0"}
+    values = {
+        ENV_PATCHES: "*",
+        ENV_PATH: os.pathsep.join(["open777", "group775", "openfile", "link777"]),
+        ENV_STRICT: "0",
+    }
     outcome = run_register(values)
     judge(values, outcome)
     assert outcome.error is None

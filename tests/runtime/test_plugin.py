@@ -12,10 +12,10 @@ from typing import Any
 
 import importlib_metadata
 import pytest
+from _helpers import LogLines, captured_logs, clean_env, forget_modules, fresh_plugin
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _helpers import LogLines, captured_logs, clean_env, forget_modules, fresh_plugin
 from vllm_custom_patches import (
     PatchConfigError,
     PatchConflictError,
@@ -252,7 +252,11 @@ def test_a_name_next_to_star_is_explicit_and_goes_first(monkeypatch: pytest.Monk
         ("*,-pq", UnknownPatchError, "  - -pq: no patch named 'pq'."),
         ("pd_gated", PatchVersionError, "  - pd_gated: patch 'pd_gated' requires vLLM >=999; installed is 0.32.0"),
         ("pf_absent", PatchTargetError, "  - pf_absent: patch 'pf_absent': module 'vcp_no_such_package.sub' of"),
-        ("pa,pc_conflicts_with_pa", PatchConflictError, "  - pc_conflicts_with_pa: patch 'pc_conflicts_with_pa' conflicts"),
+        (
+            "pa,pc_conflicts_with_pa",
+            PatchConflictError,
+            "  - pc_conflicts_with_pa: patch 'pc_conflicts_with_pa' conflicts",
+        ),
         ("pa,-pb", PatchConfigError, "\n  - VLLM_CUSTOM_PATCHES='pa,-pb': '-pb' excludes from '*', but '*' is not in"),
     ],
 )
@@ -261,12 +265,13 @@ def test_a_named_patch_that_cannot_apply_fails_start_up(
 ) -> None:
     define_patches()
     select(monkeypatch, value)
-    with captured_logs() as logs:
-        with pytest.raises(error) as info:
-            plugin.register()
+    with captured_logs() as logs, pytest.raises(error) as info:
+        plugin.register()
     message = str(info.value)
     pid = os.getpid()
-    assert message.startswith(f"vllm-custom-patches: VLLM_CUSTOM_PATCHES={value!r} cannot be honoured in process {pid}:\n")
+    assert message.startswith(
+        f"vllm-custom-patches: VLLM_CUSTOM_PATCHES={value!r} cannot be honoured in process {pid}:\n"
+    )
     assert says in message
     assert message.endswith("or set VLLM_CUSTOM_PATCHES_STRICT=0 to log such problems and start without those patches.")
     assert isinstance(info.value.__cause__, error)

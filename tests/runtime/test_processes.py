@@ -11,10 +11,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import _child
+import pytest
 from _helpers import clean_env, fresh_plugin, installed_dists, on_sys_path
+
 from vllm_custom_patches import PatchManager, plugin
 
 

@@ -97,7 +97,7 @@ _EXACT_CHILD = textwrap.dedent(
 
 
 def _top(module: str) -> str:
-    return module.split(".")[0]
+    return module.split(".", maxsplit=1)[0]
 
 
 @pytest.mark.parametrize("value", [None, "", " \t "], ids=["unset", "empty", "blank"])
@@ -127,22 +127,30 @@ def test_unset_register_imports_no_vllm_and_scans_nothing(value: str | None) -> 
     assert bad == [], f"imported while nothing is selected: {bad}"
     assert not result["meta_path_changed"], "an import hook was installed while nothing is selected"
     ours = {m for m in result["new"] if _top(m) == "vllm_custom_patches"}
-    assert ours == ALLOWED_NEW, f"register() with nothing selected imported more of the package: {sorted(ours - ALLOWED_NEW)}"
-    foreign = sorted({_top(m) for m in result["new"]} - {"vllm_custom_patches"} - set(sys.stdlib_module_names) - {"__main__"})
+    assert ours == ALLOWED_NEW, (
+        f"register() with nothing selected imported more of the package: {sorted(ours - ALLOWED_NEW)}"
+    )
+    foreign = sorted(
+        {_top(m) for m in result["new"]} - {"vllm_custom_patches"} - set(sys.stdlib_module_names) - {"__main__"}
+    )
     assert foreign == [], f"import vllm_custom_patches.plugin pulled in unexpected packages: {foreign}"
 
 
 def test_public_names_still_import_on_first_use() -> None:
     proc = subprocess.run(
-        [sys.executable, "-c", (
-            "import sys, vllm_custom_patches as v\n"
-            "assert 'vllm_custom_patches._core.manager' not in sys.modules\n"
-            "names = {n: getattr(v, n) for n in v.__all__}\n"
-            "assert names['VLLMPatch'].__module__ == 'vllm_custom_patches._core.patch'\n"
-            "assert set(v.__all__) <= set(dir(v))\n"
-            "from vllm_custom_patches import PatchManager, min_vllm_version\n"
-            "print('ok', len(names))"
-        )],
+        [
+            sys.executable,
+            "-c",
+            (
+                "import sys, vllm_custom_patches as v\n"
+                "assert 'vllm_custom_patches._core.manager' not in sys.modules\n"
+                "names = {n: getattr(v, n) for n in v.__all__}\n"
+                "assert names['VLLMPatch'].__module__ == 'vllm_custom_patches._core.patch'\n"
+                "assert set(v.__all__) <= set(dir(v))\n"
+                "from vllm_custom_patches import PatchManager, min_vllm_version\n"
+                "print('ok', len(names))"
+            ),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -189,7 +197,8 @@ def heavy_standin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     package = root / "vcp_heavy_dependency"
     package.mkdir()
     body = "".join(
-        f"\n\nclass C{j}:\n    x = {j}\n\n    def f(self, a):\n        return a + {j}\n" for j in range(CLASSES_PER_MODULE)
+        f"\n\nclass C{j}:\n    x = {j}\n\n    def f(self, a):\n        return a + {j}\n"
+        for j in range(CLASSES_PER_MODULE)
     )
     for i in range(HEAVY_MODULES):
         (package / f"m{i}.py").write_text('"""Generated: stands in for a heavy dependency."""\n' + body)

@@ -81,7 +81,9 @@ def v2(tmp_path: Path) -> StaticView:
 
 def _patch(body: str, name: str = "probe") -> Any:
     namespace: dict[str, Any] = {"VLLMPatch": VLLMPatch}
-    source = f"class Probe(VLLMPatch['fakevllm.sched.scheduler:Scheduler']):\n    name = {name!r}\n" + textwrap.indent(textwrap.dedent(body), "    ")
+    source = f"class Probe(VLLMPatch['fakevllm.sched.scheduler:Scheduler']):\n    name = {name!r}\n" + textwrap.indent(
+        textwrap.dedent(body), "    "
+    )
     exec(compile(source, f"<{name}>", "exec"), namespace)
     return namespace["Probe"]
 
@@ -139,9 +141,15 @@ def test_against_a_lock_a_moved_member_and_a_changed_locked_original_are_errors(
             del sys.modules["probe_patch"]
     (moved,) = found["moved"]
     assert moved.member == "step" and moved.severity == "error"
-    assert "defined in the target itself on vLLM 1.0.0 (locked), inherited from fakevllm.sched.base:Base here" in moved.message
+    assert (
+        "defined in the target itself on vLLM 1.0.0 (locked), inherited from fakevllm.sched.base:Base here"
+        in moved.message
+    )
     drift = {f.member: f for f in found["drift"]}
-    assert drift["schedule"].severity == "error" and "+def schedule(self, throttle=False, priority=None):\n" in drift["schedule"].detail
+    assert (
+        drift["schedule"].severity == "error"
+        and "+def schedule(self, throttle=False, priority=None):\n" in drift["schedule"].detail
+    )
     assert "-    return [throttle]\n+" in drift["schedule"].detail
 
 

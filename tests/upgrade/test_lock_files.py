@@ -28,7 +28,7 @@ from vllm_custom_patches._upgrade.fingerprint import (
 )
 
 VERSION = "9.9.9"
-PATCH = '''
+PATCH = """
 from vllm_custom_patches import VLLMPatch
 
 
@@ -37,7 +37,7 @@ class Probe(VLLMPatch["vllm.sched:Scheduler"]):
 
     def schedule(self, budget):
         return self._original_schedule(budget)
-'''
+"""
 
 
 @pytest.fixture
@@ -56,14 +56,19 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
     monkeypatch.delenv("VLLM_CUSTOM_PATCHES", raising=False)
     lock = patches / "probe.lock.json"
     assert _main(["lock", "Probe", "--vllm-source", str(src)]) == 0
-    assert json.loads(lock.read_text())["patches"]["Probe"]["versions"][VERSION]["schedule"]["defined_in"] == "vllm.sched:Scheduler"
+    assert (
+        json.loads(lock.read_text())["patches"]["Probe"]["versions"][VERSION]["schedule"]["defined_in"]
+        == "vllm.sched:Scheduler"
+    )
     return src, lock
 
 
 def _main(args: list[str]) -> int:
     """One command, as a fresh process would run it: the patch file is imported again (each
     command forgets the patch classes it loaded, and the import system would skip the file)."""
-    for name in [n for n, m in sys.modules.items() if getattr(m, "__file__", None) and Path(m.__file__ or "").name == "probe.py"]:
+    for name in [
+        n for n, m in sys.modules.items() if getattr(m, "__file__", None) and Path(m.__file__ or "").name == "probe.py"
+    ]:
         del sys.modules[name]
     return _cli.main(args)
 
@@ -108,8 +113,14 @@ def _drop(key: str) -> Callable[[dict[str, Any]], str]:
 
 # (what the corrupt file holds, made from the valid one; what the message must name)
 CORRUPT: dict[str, tuple[Callable[[dict[str, Any]], str | bytes], str]] = {
-    "a version that is not PEP 440": (_rename_version("latest"), "patches['Probe'].versions['latest']: 'latest' is not a PEP 440 version"),
-    "a source that does not parse": (_set("source", "def schedule(self, budget:\n"), "versions['9.9.9']['schedule'].source: it does not parse"),
+    "a version that is not PEP 440": (
+        _rename_version("latest"),
+        "patches['Probe'].versions['latest']: 'latest' is not a PEP 440 version",
+    ),
+    "a source that does not parse": (
+        _set("source", "def schedule(self, budget:\n"),
+        "versions['9.9.9']['schedule'].source: it does not parse",
+    ),
     "a source with a null byte": (_set("source", "def f(self):\x00 pass\n"), "['schedule'].source: it does not parse"),
     "not JSON": (lambda data: "{not json", "is corrupt (JSONDecodeError"),
     "not UTF-8": (lambda data: b'{"format": 1, "patches": {"\xff": {}}}', "is corrupt (UnicodeDecodeError"),
@@ -119,25 +130,58 @@ CORRUPT: dict[str, tuple[Callable[[dict[str, Any]], str | bytes], str]] = {
     "no format": (_edit(lambda data: data.pop("format") and None), 'is not in format 1 ("format": null)'),
     "format true": (_set(("format",), True), 'is not in format 1 ("format": true)'),
     "format 1.0": (_set(("format",), 1.0), 'is not in format 1 ("format": 1.0)'),
-    "no patches": (_edit(lambda data: data.pop("patches") and None), "at patches: expected an object, found nothing (the key is missing)"),
+    "no patches": (
+        _edit(lambda data: data.pop("patches") and None),
+        "at patches: expected an object, found nothing (the key is missing)",
+    ),
     "patches an array": (_set(("patches",), []), "at patches: expected an object, found an array"),
-    "a patch entry a string": (_set(("patches", "Probe"), "x"), "at patches['Probe']: expected an object, found a string"),
-    "no target": (_edit(lambda data: data["patches"]["Probe"].pop("target") and None), "patches['Probe'].target: expected a string, found nothing"),
-    "a target number": (_set(("patches", "Probe", "target"), 3), "patches['Probe'].target: expected a string, found a number"),
-    "no versions": (_edit(lambda data: data["patches"]["Probe"].pop("versions") and None), "patches['Probe'].versions: expected an object, found nothing"),
-    "versions an array": (_set(("patches", "Probe", "versions"), []), "patches['Probe'].versions: expected an object, found an array"),
-    "members null": (_set(("patches", "Probe", "versions", VERSION), None), "versions['9.9.9']: expected an object, found null"),
+    "a patch entry a string": (
+        _set(("patches", "Probe"), "x"),
+        "at patches['Probe']: expected an object, found a string",
+    ),
+    "no target": (
+        _edit(lambda data: data["patches"]["Probe"].pop("target") and None),
+        "patches['Probe'].target: expected a string, found nothing",
+    ),
+    "a target number": (
+        _set(("patches", "Probe", "target"), 3),
+        "patches['Probe'].target: expected a string, found a number",
+    ),
+    "no versions": (
+        _edit(lambda data: data["patches"]["Probe"].pop("versions") and None),
+        "patches['Probe'].versions: expected an object, found nothing",
+    ),
+    "versions an array": (
+        _set(("patches", "Probe", "versions"), []),
+        "patches['Probe'].versions: expected an object, found an array",
+    ),
+    "members null": (
+        _set(("patches", "Probe", "versions", VERSION), None),
+        "versions['9.9.9']: expected an object, found null",
+    ),
     "a member name that is not one": (
         _edit(lambda data: data["patches"]["Probe"]["versions"][VERSION].update({"no name": _member(data)})),
         "versions['9.9.9']['no name']: 'no name' is not a member name",
     ),
-    "a member a string": (_set(("patches", "Probe", "versions", VERSION, "schedule"), "x"), "['schedule']: expected an object, found a string"),
-    "a member without its source": (_drop("source"), "['schedule']: expected the keys defined_in, fingerprint, source, found ['defined_in', 'fingerprint']"),
-    "a member with an unknown key": (_set("extra", "x"), "['schedule']: expected the keys defined_in, fingerprint, source, found ["),
+    "a member a string": (
+        _set(("patches", "Probe", "versions", VERSION, "schedule"), "x"),
+        "['schedule']: expected an object, found a string",
+    ),
+    "a member without its source": (
+        _drop("source"),
+        "['schedule']: expected the keys defined_in, fingerprint, source, found ['defined_in', 'fingerprint']",
+    ),
+    "a member with an unknown key": (
+        _set("extra", "x"),
+        "['schedule']: expected the keys defined_in, fingerprint, source, found [",
+    ),
     "a fingerprint number": (_set("fingerprint", 1), "['schedule'].fingerprint: expected a string, found a number"),
     "a source array": (_set("source", ["def f(): pass"]), "['schedule'].source: expected a string, found an array"),
     "defined_in null": (_set("defined_in", None), "['schedule'].defined_in: expected a string, found null"),
-    "defined_in without a class": (_set("defined_in", "vllm.sched"), "['schedule'].defined_in: 'vllm.sched' is not 'package.module:Qual.Name'"),
+    "defined_in without a class": (
+        _set("defined_in", "vllm.sched"),
+        "['schedule'].defined_in: 'vllm.sched' is not 'package.module:Qual.Name'",
+    ),
 }
 
 
@@ -202,7 +246,9 @@ def test_a_static_vllm_whose_version_is_not_pep_440_is_refused_with_exit_2(
     src, _ = setup
     rc = _main(["doctor", "Probe", "--vllm-source", str(src), "--vllm", "1abc"])
     err = capsys.readouterr().err
-    assert rc == 2 and "the vLLM version '1abc'" in err and "is not a PEP 440 version" in err and "Traceback" not in err, err
+    assert (
+        rc == 2 and "the vLLM version '1abc'" in err and "is not a PEP 440 version" in err and "Traceback" not in err
+    ), err
 
 
 def test_the_console_script_refuses_a_corrupt_lock_with_exit_2(setup: tuple[Path, Path]) -> None:

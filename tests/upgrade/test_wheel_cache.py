@@ -59,7 +59,9 @@ def test_a_wheel_that_would_unpack_past_the_limit_is_refused_and_nothing_is_writ
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: str
 ) -> None:
     monkeypatch.setattr(_static, "MAX_UNPACKED_BYTES", 1 << 20, raising=False)
-    monkeypatch.setattr(_static, "MAX_UNPACKED_FILES", 10, raising=False)  # raising=False: without limits it fails below
+    monkeypatch.setattr(
+        _static, "MAX_UNPACKED_FILES", 10, raising=False
+    )  # raising=False: without limits it fails below
     if limit == "bytes":
         # 4 MiB of source that compresses to a few KiB: a small wheel that expands past the limit.
         files: dict[str, str | bytes] = {"vllm/__init__.py": "", "vllm/big.py": b"#" * (4 << 20)}

@@ -24,12 +24,12 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
-from .._runtime.discovery import ENV_PATH, find_entry_points, load_path
 from .._core.errors import PatchError
 from .._core.manager import PatchManager
 from .._core.patch import VLLMPatch
-from .._runtime.selection import ENV_PATCHES, parse_selection
 from .._core.versions import detect_vllm_version
+from .._runtime.discovery import ENV_PATH, find_entry_points, load_path
+from .._runtime.selection import ENV_PATCHES, parse_selection
 from ..testing import isolated_registry
 
 
@@ -92,7 +92,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             help="the server's VLLM_CUSTOM_PATCHES_CONTROL_TOKEN (default: that variable here)",
         )
         control.add_argument("--reason", default="", help="why, for the server's log")
-        control.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for the answer (default 60)")
+        control.add_argument(
+            "--timeout", type=_seconds, default=60.0, help="seconds to wait for the answer (default 60)"
+        )
         controls.append(control)
     from .upgrade import add_commands
 
@@ -144,7 +146,9 @@ def _seconds(text: str) -> float:
 def _status(args: argparse.Namespace) -> int:
     from .._ops.remote import fetch_status, print_status, status_exit_code
 
-    return _remote(args, lambda: fetch_status(args.url, args.api_key, timeout=args.timeout), print_status, status_exit_code)
+    return _remote(
+        args, lambda: fetch_status(args.url, args.api_key, timeout=args.timeout), print_status, status_exit_code
+    )
 
 
 def _control(args: argparse.Namespace) -> int:
@@ -175,7 +179,7 @@ def _remote(
     except RemoteError as exc:
         print(f"vllm-custom-patches: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 (a bug here must not read as exit 1, "the processes disagree")
+    except Exception as exc:
         print(f"vllm-custom-patches: internal error, please report it: {RemoteError(repr(exc))}", file=sys.stderr)
         return 2
 
@@ -255,8 +259,10 @@ def _check(names: list[str]) -> list[_Row]:
             found = loaded.get(name)
             if isinstance(found, PatchError):
                 raise found
-            patch_cls = found if found is not None else (
-                entry_points[name].load() if name in entry_points else PatchManager.get(name)
+            patch_cls = (
+                found
+                if found is not None
+                else (entry_points[name].load() if name in entry_points else PatchManager.get(name))
             )
             _describe(row, patch_cls)
             PatchManager.apply(patch_cls)

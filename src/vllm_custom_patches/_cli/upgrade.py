@@ -33,23 +33,41 @@ def add_commands(commands: Any) -> list[argparse.ArgumentParser]:
         help="find every way the selected patches can silently not work with a vLLM (installed or not)",
         description=__doc__.split("\n\n")[0] if __doc__ else None,
     )
-    doctor.add_argument("names", nargs="*", help="patches to check (default: what $VLLM_CUSTOM_PATCHES selects, or all)")
+    doctor.add_argument(
+        "names", nargs="*", help="patches to check (default: what $VLLM_CUSTOM_PATCHES selects, or all)"
+    )
     _vllm_choice(doctor)
-    doctor.add_argument("--matrix", metavar="V1,V2", help="check each patch on its own against each of these vLLM versions: a table")
+    doctor.add_argument(
+        "--matrix", metavar="V1,V2", help="check each patch on its own against each of these vLLM versions: a table"
+    )
     doctor.add_argument("-v", "--verbose", action="store_true", help="also print what is fine but worth knowing (info)")
-    show = commands.add_parser("show", help="a patch's target, gate, and each member's original and override signatures")
+    show = commands.add_parser(
+        "show", help="a patch's target, gate, and each member's original and override signatures"
+    )
     show.add_argument("name")
     _vllm_choice(show)
-    lock = commands.add_parser("lock", help="record the originals a patch replaces (fingerprint and source) in its lock file")
+    lock = commands.add_parser(
+        "lock", help="record the originals a patch replaces (fingerprint and source) in its lock file"
+    )
     lock.add_argument("names", nargs="*", help="patches to lock (default: what $VLLM_CUSTOM_PATCHES selects, or all)")
-    lock.add_argument("--member", action="append", default=[], help="lock only this member (repeatable; default: every override)")
+    lock.add_argument(
+        "--member", action="append", default=[], help="lock only this member (repeatable; default: every override)"
+    )
     _vllm_choice(lock)
     return [doctor, show, lock]
 
 
 def _vllm_choice(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--vllm-source", metavar="PATH", help="a vLLM that is not installed: the directory holding its vllm/ package, or a .whl")
-    parser.add_argument("--vllm", metavar="VERSION", help="a vLLM release to read from its wheel (downloaded once); the installed one if it matches")
+    parser.add_argument(
+        "--vllm-source",
+        metavar="PATH",
+        help="a vLLM that is not installed: the directory holding its vllm/ package, or a .whl",
+    )
+    parser.add_argument(
+        "--vllm",
+        metavar="VERSION",
+        help="a vLLM release to read from its wheel (downloaded once); the installed one if it matches",
+    )
 
 
 class _Usage(Exception):
@@ -58,8 +76,8 @@ class _Usage(Exception):
 
 def run(args: argparse.Namespace) -> int:
     from .._core.errors import PatchError
-    from .._upgrade.fingerprint import LockFileError
     from .._core.manager import PatchManager
+    from .._upgrade.fingerprint import LockFileError
     from ..testing import isolated_registry
 
     with isolated_registry():
@@ -105,7 +123,9 @@ def _view(source: str | None, version: str | None) -> Any:
     except Exception as exc:  # an unreadable file or directory, a corrupt wheel
         raise _Usage(f"--vllm-source {root} cannot be read: {type(exc).__name__}: {exc}") from None
     if view.tree.module_path("vllm") is None:
-        raise _Usage(f"--vllm-source {root} is not vLLM: it holds no vllm/ package; give an unpacked vLLM wheel or source tree")
+        raise _Usage(
+            f"--vllm-source {root} is not vLLM: it holds no vllm/ package; give an unpacked vLLM wheel or source tree"
+        )
     if version is None:
         view.version = _version_of(root)
         view.label = f"vLLM {view.version} (source {root})"
@@ -114,7 +134,9 @@ def _view(source: str | None, version: str | None) -> Any:
     try:  # gates and lock files compare it as a version
         Version(view.version)
     except InvalidVersion:
-        raise _Usage(f"the vLLM version {view.version!r} of {root} is not a PEP 440 version; pass --vllm VERSION, e.g. 0.33.0") from None
+        raise _Usage(
+            f"the vLLM version {view.version!r} of {root} is not a PEP 440 version; pass --vllm VERSION, e.g. 0.33.0"
+        ) from None
     return view
 
 
@@ -150,11 +172,11 @@ def _download(version: str) -> Path:
 
 def _patches(names: list[str]) -> tuple[list[Any], list[Any], bool]:
     """The patch classes to look at, findings about the selection itself, and whether it was explicit."""
-    from .._runtime.discovery import ENV_PATH, find_entry_points, load_path
-    from .._upgrade.doctor import Finding
     from .._core.errors import PatchError
     from .._core.manager import PatchManager, unknown_name_message
+    from .._runtime.discovery import ENV_PATH, find_entry_points, load_path
     from .._runtime.selection import ENV_PATCHES, parse_selection
+    from .._upgrade.doctor import Finding
 
     findings = []
     if os.environ.get(ENV_PATH, "").strip():

@@ -10,6 +10,7 @@ after the fact, so both go stale unless refreshed here.
 from __future__ import annotations
 
 import abc
+
 from .graft import MISSING, ORIGINAL_PREFIX, descendants
 from .log import logger
 
@@ -32,9 +33,7 @@ def refresh_abc_state(
         return {}
 
 
-def _refresh(
-    target: type, *, gained: bool, lost: bool, before: dict[type, object] | None = None
-) -> dict[type, object]:
+def _refresh(target: type, *, gained: bool, lost: bool, before: dict[type, object] | None = None) -> dict[type, object]:
     """Bring ``abc``'s view of ``target``'s hierarchy up to date after members changed.
 
     ``__abstractmethods__`` of ``target`` and its subclasses is recomputed,

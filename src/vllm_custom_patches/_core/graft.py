@@ -63,9 +63,7 @@ def functions_of(member: object) -> Iterator[types.FunctionType]:
 
 # Instructions whose argument is an attribute name.  ``co_names`` alone would
 # also hold globals: a module-level ``_original_x`` is not an attribute use.
-_ATTRIBUTE_OPS: Final = frozenset(
-    {"LOAD_ATTR", "LOAD_METHOD", "STORE_ATTR", "DELETE_ATTR", "LOAD_SUPER_ATTR"}
-)
+_ATTRIBUTE_OPS: Final = frozenset({"LOAD_ATTR", "LOAD_METHOD", "STORE_ATTR", "DELETE_ATTR", "LOAD_SUPER_ATTR"})
 
 
 def attribute_names(code: types.CodeType) -> Iterator[str]:

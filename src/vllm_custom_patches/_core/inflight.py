@@ -25,7 +25,7 @@ from .forksafe import ForkSafeRLock
 from .graft import MISSING, Change, code_objects, functions_of, restore
 from .log import logger
 
-__all__ = ["Lingering", "Lingerers", "codes_of", "threads_running"]
+__all__ = ["Lingerers", "Lingering", "codes_of", "threads_running"]
 
 _POLL_S = (0.001, 0.05)
 """The sweeper's first and longest pause between two looks at the threads."""
@@ -33,7 +33,9 @@ _POLL_S = (0.001, 0.05)
 
 def codes_of(members: Iterable[object]) -> frozenset[types.CodeType]:
     """Every code object of the members' functions, nested ones included."""
-    return frozenset(code for member in members for func in functions_of(member) for code in code_objects(func.__code__))
+    return frozenset(
+        code for member in members for func in functions_of(member) for code in code_objects(func.__code__)
+    )
 
 
 def threads_running(codes: frozenset[types.CodeType]) -> int:
@@ -120,4 +122,3 @@ class Lingerers:
         self._sweeper = None
         if self.entries:
             self._ensure_sweeper()
-

@@ -149,7 +149,9 @@ def static_kind(kind: str, node: ast.AST, name: str) -> str | None:
     if isinstance(value, ast.Call):
         func = value.func
         called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
-        return {"staticmethod": STATIC, "classmethod": CLASS, "property": PROPERTY, "cached_property": PROPERTY}.get(called)
+        return {"staticmethod": STATIC, "classmethod": CLASS, "property": PROPERTY, "cached_property": PROPERTY}.get(
+            called
+        )
     if isinstance(value, ast.Lambda):
         return METHOD
     literals = (ast.Constant, ast.JoinedStr, ast.List, ast.Tuple, ast.Set, ast.Dict, ast.ListComp, ast.SetComp,

@@ -6,8 +6,6 @@ rollback can put back exactly what was there.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from .abcs import refresh_abc_state
 from .errors import PatchApplyError, PatchConflictError, PatchError, PatchVersionError
 from .graft import MISSING, ORIGINAL_PREFIX, Transaction, rebind, restore
@@ -119,8 +117,7 @@ def rollback(name: str) -> bool:
         reg.outcomes.pop(name, None)
     if errors:
         raise PatchApplyError(
-            f"patch {name!r}: {len(errors)} member(s) of {target.__qualname__} could not be "
-            f"restored: {errors[0]!r}"
+            f"patch {name!r}: {len(errors)} member(s) of {target.__qualname__} could not be restored: {errors[0]!r}"
         ) from errors[0]
     logger.info("Rolled back patch %r from %s", name, _label(target))
     return True

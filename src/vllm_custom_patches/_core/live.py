@@ -20,7 +20,7 @@ unfreezes for its duration and freezes again after it.
 from __future__ import annotations
 
 import gc
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .errors import PatchApplyError, PatchError
 from .graft import descendants

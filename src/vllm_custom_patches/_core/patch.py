@@ -145,7 +145,11 @@ class VLLMPatch(Generic[_T], metaclass=_PatchMeta):
         (and during a rollback, for calls already inside the patch).
         """
         record = REGISTRY.applied.get(cls._vcp_spec.name)
-        target = record.target if record is not None else resolve_target(cls._vcp_target, cls._vcp_spec.name, import_module=False)
+        target = (
+            record.target
+            if record is not None
+            else resolve_target(cls._vcp_target, cls._vcp_spec.name, import_module=False)
+        )
         try:
             return getattr(target, ORIGINAL_PREFIX + member)
         except AttributeError:

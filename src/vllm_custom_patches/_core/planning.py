@@ -84,7 +84,7 @@ def check_conflicts(reg: Registry, spec: PatchSpec, target: type, plan: Plan) ->
             raise PatchConflictError(
                 f"patch {spec.name!r}: {target.__qualname__} already has its own "
                 f"{original!r}, not made by vllm-custom-patches; the original of "
-                f"{original[len(ORIGINAL_PREFIX):]!r} cannot be kept under that name."
+                f"{original[len(ORIGINAL_PREFIX) :]!r} cannot be kept under that name."
             )
         # Two ``_original_x`` in the MRO of one instance (a base and a
         # subclass, or two sides of a diamond) make ``self._original_x``
@@ -101,7 +101,7 @@ def check_conflicts(reg: Registry, spec: PatchSpec, target: type, plan: Plan) ->
                     who = "code outside vllm-custom-patches"
                 raise PatchConflictError(
                     f"patch {spec.name!r} cannot replace {target.__qualname__}."
-                    f"{original[len(ORIGINAL_PREFIX):]}: {klass.__qualname__}.{original} "
+                    f"{original[len(ORIGINAL_PREFIX) :]}: {klass.__qualname__}.{original} "
                     f"(set by {who}) is in the same class hierarchy (the MRO of the same "
                     f"instances), and self.{original} would resolve to the wrong original. "
                     f"Patch this member on one class of the hierarchy only."

@@ -11,7 +11,7 @@ import difflib
 import os
 from dataclasses import dataclass
 from types import CodeType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import PatchDefinitionError, UnknownPatchError
 from .forksafe import ForkSafeRLock

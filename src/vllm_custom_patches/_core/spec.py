@@ -98,7 +98,10 @@ def _written_members(klass: type, name: str) -> dict[str, object]:
     return {
         key: value
         for key, value in namespace.items()
-        if key in written and key not in _CLASS_MACHINERY and not key.startswith("_vcp_") and key != "name"
+        if key in written
+        and key not in _CLASS_MACHINERY
+        and not key.startswith("_vcp_")
+        and key != "name"
         and key not in HOOKS
     }
 
@@ -138,9 +141,7 @@ def build_spec(cls: type, never_grafted: frozenset[type]) -> PatchSpec:
                 f"{ORIGINAL_PREFIX!r} are made by the framework to hold originals."
             )
         if key == "__slots__":
-            raise PatchDefinitionError(
-                f"patch {name!r} defines __slots__, which cannot be added to an existing class."
-            )
+            raise PatchDefinitionError(f"patch {name!r} defines __slots__, which cannot be added to an existing class.")
     refs: set[str] = set()
     for key, value in members.items():
         for func in functions_of(value):

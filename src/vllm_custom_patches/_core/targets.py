@@ -81,9 +81,7 @@ def resolve_target(spec: TargetSpec, patch_name: str, *, import_module: bool = T
             if obj is _NEEDS_CODE:
                 return None
     if not isinstance(obj, type):
-        raise PatchTargetError(
-            f"patch {patch_name!r}: target {spec!r} is a {type(obj).__name__}, not a class."
-        )
+        raise PatchTargetError(f"patch {patch_name!r}: target {spec!r} is a {type(obj).__name__}, not a class.")
     return obj
 
 

@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .._env import ENV_VLLM_VERSION
 from .errors import PatchDefinitionError, PatchVersionError
@@ -173,8 +173,7 @@ def vllm_versions(specifier: str) -> Callable[[_P], _P]:
         gate = SpecifierSet(specifier)
     except InvalidSpecifier as exc:
         raise PatchDefinitionError(
-            f"invalid vLLM version specifier {specifier!r}: {exc}. "
-            f"Write a PEP 440 specifier such as '>=0.10,<0.40'."
+            f"invalid vLLM version specifier {specifier!r}: {exc}. Write a PEP 440 specifier such as '>=0.10,<0.40'."
         ) from None
     for clause in gate:
         # packaging parses a bound only when it compares: parse each now, so

@@ -39,7 +39,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["CONTROL_METHOD", "STATUS_METHOD", "WORKER_TIMEOUT_S", "control_record", "install_responders", "process_record"]
+__all__ = [
+    "CONTROL_METHOD",
+    "STATUS_METHOD",
+    "WORKER_TIMEOUT_S",
+    "control_record",
+    "install_responders",
+    "process_record",
+]
 
 STATUS_METHOD = "vllm_custom_patches_status"
 """The name of the utility method (engine core) and RPC method (worker) that report."""
@@ -58,8 +65,8 @@ def process_record(
     role: str, *, dp_rank: int | None = None, tp_rank: int | None = None, pp_rank: int | None = None
 ) -> dict[str, Any]:
     """This process as the status endpoint reports it: who it is and what it has applied."""
-    from .._env import ENV_PATCHES
     from .._core.manager import PatchManager
+    from .._env import ENV_PATCHES
 
     return {
         **_identity(role, dp_rank, tp_rank, pp_rank),

@@ -23,8 +23,8 @@ import os
 import time
 from collections.abc import Mapping
 
-from .._env import ENV_CONTROL_TOKEN
 from .._core.forksafe import ForkSafeLock
+from .._env import ENV_CONTROL_TOKEN
 
 __all__ = ["MAX_AGE_S", "MIN_TOKEN_LENGTH", "Replays", "control_token", "sign", "token_problem", "verify"]
 

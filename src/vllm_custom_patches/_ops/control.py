@@ -29,10 +29,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .auth import Replays, verify
 from .._core.errors import PatchError
 from .._core.forksafe import ForkSafeLock
 from .._core.log import logger
+from .auth import Replays, verify
 
 __all__ = ["ACTIONS", "execute", "perform", "undo"]
 
@@ -127,8 +127,8 @@ def _patch_class(name: str, *, load: bool) -> Any:
         return None
     # Apply of a patch this process has not loaded: from its entry point (the
     # files of VLLM_CUSTOM_PATCHES_PATH were all loaded at start-up, if any).
-    from .._runtime.discovery import find_entry_points
     from .._core.errors import UnknownPatchError
+    from .._runtime.discovery import find_entry_points
 
     entry_point = find_entry_points().get(name)
     if entry_point is None:
@@ -146,9 +146,9 @@ def _target_imported(patch_cls: Any) -> bool:
 def _do(action: str, patch_cls: Any) -> tuple[bool | None, bool]:
     """Whether ``action`` changed the patch here (None: it does not concern this process), and
     whether the change was to a patch waiting for its target's import."""
-    from .._runtime.activation import switch_waiting
     from .._core.manager import PatchManager
     from .._core.versions import check_gate
+    from .._runtime.activation import switch_waiting
 
     if action == "apply":
         check_gate(patch_cls.name, patch_cls._vcp_gate)
@@ -173,7 +173,13 @@ _VERBS = {
 
 
 def _result(
-    name: str, *, ok: bool, changed: bool = False, relevant: bool = True, error: str | None = None, waiting: bool = False
+    name: str,
+    *,
+    ok: bool,
+    changed: bool = False,
+    relevant: bool = True,
+    error: str | None = None,
+    waiting: bool = False,
 ) -> dict[str, Any]:
     from .._core.manager import PatchManager
 

@@ -79,7 +79,9 @@ def _parse_url(url: str) -> _Address:
     if not parts.hostname:
         raise RemoteError(f"--url {url!r} names no host; {_URL_HINT}")
     if parts.username is not None or parts.password is not None:
-        raise RemoteError(f"--url {url!r} carries credentials; pass the API key with --api-key, the control token with --token")
+        raise RemoteError(
+            f"--url {url!r} carries credentials; pass the API key with --api-key, the control token with --token"
+        )
     if parts.query or parts.fragment:
         raise RemoteError(f"--url {url!r} has a query or fragment; {_URL_HINT}")
     # An explicit port: http.client would read one out of a bare IPv6 host ('::1' as '::' port 1).
@@ -111,7 +113,9 @@ def _exchange(
     endpoint = f"{url.rstrip('/')}{path}"
     changes = method != "GET"
     if address.scheme == "https":
-        connection: http.client.HTTPConnection = http.client.HTTPSConnection(address.host, address.port, timeout=timeout)
+        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+            address.host, address.port, timeout=timeout
+        )
     else:
         connection = http.client.HTTPConnection(address.host, address.port, timeout=timeout)
     try:
@@ -123,7 +127,9 @@ def _exchange(
             if body is not None:
                 connection.putheader("Content-Length", str(len(body)))
         except OSError as exc:  # refused, unknown host, TLS, no connection in time: nothing was sent
-            raise RemoteError(f"cannot reach {url}: {_reason(exc)} (is the server running, and is this its address?)") from None
+            raise RemoteError(
+                f"cannot reach {url}: {_reason(exc)} (is the server running, and is this its address?)"
+            ) from None
         try:
             connection.endheaders(body)
             response = connection.getresponse()
@@ -146,7 +152,9 @@ def _exchange(
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
-    return f"{type(exc).__name__}: {exc}" if isinstance(exc, http.client.HTTPException) else str(exc) or type(exc).__name__
+    return (
+        f"{type(exc).__name__}: {exc}" if isinstance(exc, http.client.HTTPException) else str(exc) or type(exc).__name__
+    )
 
 
 def _no_answer(url: str, method: str, endpoint: str, exc: BaseException, timeout: float, changes: bool) -> str:
@@ -241,7 +249,9 @@ def fetch_status(url: str, api_key: str | None = None, timeout: float = 30.0) ->
     except ValueError:
         raise RemoteError(f"{url}{ENDPOINT} did not answer JSON; is this a vLLM server?") from None
     if not isinstance(report, dict) or not isinstance(report.get("processes"), list):
-        raise RemoteError(f"{url}{ENDPOINT} answered JSON without a 'processes' list; is this vllm-custom-patches' endpoint?")
+        raise RemoteError(
+            f"{url}{ENDPOINT} answered JSON without a 'processes' list; is this vllm-custom-patches' endpoint?"
+        )
     problem = _mismatch(report, _STATUS_SHAPE, "answer")
     if problem:
         raise RemoteError(
@@ -307,7 +317,11 @@ def print_control(report: Mapping[str, Any], out: TextIO) -> None:
             outcome = "not relevant here"
         elif process["ok"] and process.get("waiting") and process.get("changed"):
             # Its target is not imported in that process: what changed is what its import will do.
-            outcome = "disarmed before its target's import" if report["action"] == "rollback" else "armed for its target's import"
+            outcome = (
+                "disarmed before its target's import"
+                if report["action"] == "rollback"
+                else "armed for its target's import"
+            )
         elif process["ok"]:
             outcome = "changed" if process.get("changed") else "unchanged (already so)"
         else:
@@ -346,8 +360,10 @@ def status_exit_code(report: Mapping[str, Any]) -> int:
 def print_status(report: Mapping[str, Any], out: TextIO) -> None:
     """A table of processes x patches, then what is inconsistent, for humans."""
     processes: Sequence[Mapping[str, Any]] = report["processes"]
-    names = sorted({name for p in processes for name in p.get("applied", [])}
-                   | {patch["name"] for p in processes for patch in p.get("patches", [])})
+    names = sorted(
+        {name for p in processes for name in p.get("applied", [])}
+        | {patch["name"] for p in processes for patch in p.get("patches", [])}
+    )
     rows = []
     for process in processes:
         states = {patch["name"]: patch["state"] for patch in process.get("patches", [])}

@@ -24,9 +24,9 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from .._core.forksafe import ForkSafeLock
 from .agent import CONTROL_METHOD, control_record, unreachable_record
 from .auth import sign
-from .._core.forksafe import ForkSafeLock
 from .fleet import ENGINE_TIMEOUT_S, call_engine_cores, describe_process, engine_failure
 
 __all__ = ["HTTP_STATUS", "change", "known_patches", "note_unsettled", "summary"]
@@ -43,13 +43,15 @@ _unsettled: dict[str, dict[str, Any]] = {}
 
 def known_patches() -> list[str]:
     """Names a control request may use: every patch loaded in this process, and every entry point."""
-    from .._runtime.discovery import find_entry_points
     from .._core.manager import PatchManager
+    from .._runtime.discovery import find_entry_points
 
     return sorted(set(PatchManager.names()) | set(find_entry_points()))
 
 
-async def change(engine_client: Any, action: str, name: str, who: str, timeout: float = ENGINE_TIMEOUT_S) -> dict[str, Any]:
+async def change(
+    engine_client: Any, action: str, name: str, who: str, timeout: float = ENGINE_TIMEOUT_S
+) -> dict[str, Any]:
     """Do ``action`` (``rollback`` or ``apply``) on patch ``name`` in every process; undo it everywhere on any failure."""
     op_id = uuid.uuid4().hex[:12]
     started = time.monotonic()
@@ -175,7 +177,11 @@ def summary(report: Mapping[str, Any]) -> str:
     """One line for the log: what, whether it happened, where."""
     changed = [r for r in report["processes"] if r.get("changed")]
     failed = [r for r in report["processes"] if not r["ok"]]
-    verdict = {"done": "done", "refused": "REFUSED, undone everywhere", "inconsistent": "INCONSISTENT, NOT undone everywhere"}
+    verdict = {
+        "done": "done",
+        "refused": "REFUSED, undone everywhere",
+        "inconsistent": "INCONSISTENT, NOT undone everywhere",
+    }
     text = (
         f"{report['action']} of patch {report['patch']!r} (op {report['op_id']}): "
         f"{verdict[report['outcome']]} in {report['elapsed_s'] * 1000:.0f} ms; "

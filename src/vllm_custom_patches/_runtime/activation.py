@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
 
-from .discovery import ENV_PATH, PatchEntryPoint, find_entry_points, load_path
 from .._core.errors import (
     PatchApplyError,
     PatchConfigError,
@@ -35,15 +34,16 @@ from .._core.errors import (
     PatchTargetError,
     UnknownPatchError,
 )
-from .evidence import write_evidence
 from .._core.forksafe import ForkSafeRLock
-from .hooks import module_findable, when_imported
 from .._core.log import logger, route_to_vllm_handler
 from .._core.manager import PatchManager, PatchState, unknown_name_message
 from .._core.patch import VLLMPatch
-from .selection import ENV_PATCHES, ENV_STRICT, Selection, parse_selection, parse_strict
 from .._core.targets import module_of, resolve_target
 from .._core.versions import check_gate
+from .discovery import ENV_PATH, PatchEntryPoint, find_entry_points, load_path
+from .evidence import write_evidence
+from .hooks import module_findable, when_imported
+from .selection import ENV_PATCHES, ENV_STRICT, Selection, parse_selection, parse_strict
 
 __all__ = ["Epoch", "Report", "activate", "switch_waiting"]
 
@@ -214,8 +214,7 @@ class _Activation:
                     self._problem(
                         candidate,
                         PatchTargetError(
-                            f"patch {name!r}: module {module!r} of its target {spec.target_label!r} "
-                            f"is not installed."
+                            f"patch {name!r}: module {module!r} of its target {spec.target_label!r} is not installed."
                         ),
                     )
                     continue

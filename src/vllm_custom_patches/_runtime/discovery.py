@@ -25,16 +25,16 @@ from typing import Any
 
 import importlib_metadata
 
-from .._env import ENV_PATH
 from .._core.errors import PatchConfigError, PatchDefinitionError, PatchLoadError
 from .._core.patch import VLLMPatch
+from .._env import ENV_PATH
 
 __all__ = [
     "ENTRY_POINT_GROUP",
     "ENV_PATH",
     "PATH_PACKAGE",
-    "PathLoad",
     "PatchEntryPoint",
+    "PathLoad",
     "find_entry_points",
     "load_path",
 ]
@@ -186,8 +186,7 @@ def _module_name(path: str, taken: dict[str, str]) -> str:
     stem = os.path.basename(path)[: -len(".py")]
     if not stem.isidentifier():
         raise PatchConfigError(
-            f"{ENV_PATH}: {path}: {stem!r} is not a valid module name; rename the file "
-            f"to letters, digits and '_'."
+            f"{ENV_PATH}: {path}: {stem!r} is not a valid module name; rename the file to letters, digits and '_'."
         )
     module_name = f"{PATH_PACKAGE}.{stem}"
     if module_name in taken:
@@ -219,4 +218,3 @@ def _import_file(module_name: str, path: str) -> None:
 def _dist_of(ep: importlib_metadata.EntryPoint) -> str:
     dist = getattr(ep, "dist", None)
     return repr(dist.name) if dist is not None else "(unknown)"
-

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from .._env import ENV_EVIDENCE_DIR
 from .._core.log import logger
 from .._core.manager import PatchManager
+from .._env import ENV_EVIDENCE_DIR
 
 __all__ = ["write_evidence"]
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .._core.errors import PatchConfigError
-from .._env import ENV_PATCHES, ENV_STRICT
 from .._core.spec import PATCH_NAME
+from .._env import ENV_PATCHES, ENV_STRICT
 
 __all__ = ["ENV_PATCHES", "ENV_STRICT", "Selection", "parse_selection", "parse_strict"]
 

@@ -34,11 +34,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .fingerprint import fingerprint, read_lock
 from .._core.graft import is_override_marked
 from .._core.kinds import describe_change, describe_kind, kind_change, member_kind
 from .._core.patch import VLLMPatch
 from .._core.targets import target_label
+from .fingerprint import fingerprint, read_lock
 from .vllm_views import InstalledView, Original, TargetNotFound, View, function_signature
 
 __all__ = ["DoctorReport", "Finding", "check_environment", "check_patches", "verdict_of"]
@@ -156,7 +156,9 @@ def check_patches(
     return findings
 
 
-def _check_one(patch_cls: type[VLLMPatch[Any]], view: View, installed: InstalledView | None, *, explicit: bool) -> list[Finding]:
+def _check_one(
+    patch_cls: type[VLLMPatch[Any]], view: View, installed: InstalledView | None, *, explicit: bool
+) -> list[Finding]:
     spec = patch_cls._vcp_spec
     name = spec.name
     out: list[Finding] = []
@@ -165,7 +167,9 @@ def _check_one(patch_cls: type[VLLMPatch[Any]], view: View, installed: Installed
         from packaging.version import Version
 
         if not gate.contains(Version(view.version), prereleases=True):
-            consequence = "start-up fails there, since it is selected by name" if explicit else "the plugin skips it there"
+            consequence = (
+                "start-up fails there, since it is selected by name" if explicit else "the plugin skips it there"
+            )
             out.append(Finding("error" if explicit else "info", "gate", f"its gate ({gate}) excludes vLLM "
                                f"{view.version}: {consequence}", name))  # fmt: skip
     baseline = _baseline(patch_cls, view, installed)
@@ -176,8 +180,15 @@ def _check_one(patch_cls: type[VLLMPatch[Any]], view: View, installed: Installed
             ref = baseline.get(member_name)
             if original is None:
                 if is_override_marked(member) or member_name in spec.original_refs or ref is not None:
-                    why = ("it calls self._original_" + member_name) if member_name in spec.original_refs else (
-                        "it is marked @override" if is_override_marked(member) else f"it replaced it on {ref.label if ref else ''}")
+                    why = (
+                        ("it calls self._original_" + member_name)
+                        if member_name in spec.original_refs
+                        else (
+                            "it is marked @override"
+                            if is_override_marked(member)
+                            else f"it replaced it on {ref.label if ref else ''}"
+                        )
+                    )
                     out.append(Finding("error", "member", f"{spec.target_label} has no member {member_name!r}, which the "
                                        f"patch replaces ({why}): it was removed or renamed", name, member_name))  # fmt: skip
                 continue
@@ -189,7 +200,9 @@ def _check_one(patch_cls: type[VLLMPatch[Any]], view: View, installed: Installed
     return out
 
 
-def _check_member(patch: str, member_name: str, member: object, original: Original, ref: _Reference | None) -> list[Finding]:
+def _check_member(
+    patch: str, member_name: str, member: object, original: Original, ref: _Reference | None
+) -> list[Finding]:
     from .signatures import describe, gained_parameters, incompatibilities
 
     out = []
@@ -197,7 +210,9 @@ def _check_member(patch: str, member_name: str, member: object, original: Origin
     changed = original.kind is not None and mine is not None and mine != original.kind
     change = kind_change(original.kind, member, member_name)
     if change is not None:
-        out.append(Finding("error", "kind", describe_change(member_name, original.defined_in, change), patch, member_name))
+        out.append(
+            Finding("error", "kind", describe_change(member_name, original.defined_in, change), patch, member_name)
+        )
     elif changed:
         assert original.kind is not None and mine is not None
         out.append(Finding("info", "kind", f"{member_name!r} is {describe_kind(mine)} in the patch and "
@@ -226,11 +241,19 @@ def _check_member(patch: str, member_name: str, member: object, original: Origin
         out.append(Finding("error", "moved", f"{member_name} moved: {where(ref.own, ref.defined_in)} on {ref.label}, "
                            f"{where(original.own, original.defined_in)} here; the original the patch wraps is other code",
                            patch, member_name))  # fmt: skip
-    if ref.source is not None and original.source is not None and fingerprint(ref.source) != fingerprint(original.source):
+    if (
+        ref.source is not None
+        and original.source is not None
+        and fingerprint(ref.source) != fingerprint(original.source)
+    ):
         diff = "".join(difflib.unified_diff(_lines(ref.source), _lines(original.source),
                                             f"{member_name} ({ref.label})", f"{member_name} (checked)"))  # fmt: skip
         severity = "error" if ref.locked else "warning"
-        why = "the patch is locked against it" if ref.locked else "a pass-through wrapper does not care; one that re-implements it does"
+        why = (
+            "the patch is locked against it"
+            if ref.locked
+            else "a pass-through wrapper does not care; one that re-implements it does"
+        )
         out.append(Finding(severity, "drift", f"the original {original.defined_in.split(':')[-1]}.{member_name} changed "
                            f"since {ref.label} ({why})", patch, member_name, diff))  # fmt: skip
     return out
@@ -304,7 +327,11 @@ def _check_conflicts(patches: Sequence[type[VLLMPatch[Any]]], view: View) -> lis
     out = []
     for patch_cls in patches:
         spec = patch_cls._vcp_spec
-        taken = {member: owners[(spec.target_label, member)] for member in spec.members if (spec.target_label, member) in owners}
+        taken = {
+            member: owners[(spec.target_label, member)]
+            for member in spec.members
+            if (spec.target_label, member) in owners
+        }
         if taken:
             clash = ", ".join(f"{spec.target_label}.{member} (owned by {owner!r})" for member, owner in taken.items())
             out.append(Finding("error", "conflict", f"patch {spec.name!r} replaces what another selected patch "
@@ -335,4 +362,3 @@ def _apply_each(patches: Sequence[type[VLLMPatch[Any]]]) -> list[Finding]:
         finally:
             PatchManager.rollback_all()
     return out
-

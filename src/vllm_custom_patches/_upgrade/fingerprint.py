@@ -78,7 +78,14 @@ _MISSING = object()
 def _json_kind(value: object) -> str:
     if value is _MISSING:
         return "nothing (the key is missing)"
-    kinds = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    kinds = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+    }
     return "null" if value is None else kinds.get(type(value), type(value).__name__)
 
 
@@ -92,7 +99,9 @@ def _load(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
     except OSError as exc:
-        raise LockFileError(f"lock file {path} cannot be read ({type(exc).__name__}: {exc}); fix its permissions or {_FIX}") from None
+        raise LockFileError(
+            f"lock file {path} cannot be read ({type(exc).__name__}: {exc}); fix its permissions or {_FIX}"
+        ) from None
     try:
         data = json.loads(raw.decode())
     except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested too deep, a number too long
@@ -100,7 +109,9 @@ def _load(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise LockFileError(f"lock file {path} is corrupt: expected a JSON object, found {_json_kind(data)}; {_FIX}")
     if not (type(data.get("format")) is int and data["format"] == _FORMAT):  # not True, not 1.0
-        raise LockFileError(f"lock file {path} is not in format {_FORMAT} (\"format\": {json.dumps(data.get('format'))[:40]}); {_FIX}")
+        raise LockFileError(
+            f'lock file {path} is not in format {_FORMAT} ("format": {json.dumps(data.get("format"))[:40]}); {_FIX}'
+        )
 
     def bad(key: str, problem: str) -> LockFileError:
         return LockFileError(f"lock file {path} is corrupt at {key}: {problem}; {_FIX}")
@@ -132,7 +143,9 @@ def _load(path: Path) -> dict[str, Any]:
                 if not member.isidentifier():
                     raise bad(key, f"{member!r} is not a member name")
                 if sorted(mapping(fields, key)) != sorted(_MEMBER_FIELDS):
-                    raise bad(key, f"expected the keys {', '.join(_MEMBER_FIELDS)}, found {ascii(sorted(fields))[:200]}")
+                    raise bad(
+                        key, f"expected the keys {', '.join(_MEMBER_FIELDS)}, found {ascii(sorted(fields))[:200]}"
+                    )
                 for name in _MEMBER_FIELDS:
                     text(fields[name], f"{key}.{name}")
                 module, _, qualname = fields["defined_in"].partition(":")
@@ -161,7 +174,9 @@ def read_lock(module_file: str | os.PathLike[str] | None, patch: str) -> dict[st
     }
 
 
-def write_lock(module_file: str | os.PathLike[str], patch: str, target: str, version: str, members: dict[str, LockedMember]) -> Path:
+def write_lock(
+    module_file: str | os.PathLike[str], patch: str, target: str, version: str, members: dict[str, LockedMember]
+) -> Path:
     """Record ``members`` for ``patch`` under ``version`` (other versions and patches are kept); the file written."""
     from packaging.version import InvalidVersion, Version
 
@@ -169,13 +184,16 @@ def write_lock(module_file: str | os.PathLike[str], patch: str, target: str, ver
     try:
         Version(version)
     except InvalidVersion:
-        raise LockFileError(f"cannot lock against vLLM {version!r}: not a PEP 440 version; pass --vllm VERSION") from None
+        raise LockFileError(
+            f"cannot lock against vLLM {version!r}: not a PEP 440 version; pass --vllm VERSION"
+        ) from None
     # A corrupt lock is refused, not overwritten: what it held for other versions and patches would be lost.
     data: dict[str, Any] = _load(path) if path.is_file() else {"format": _FORMAT, "patches": {}}
     entry = data["patches"].setdefault(patch, {"target": target, "versions": {}})
     entry["target"] = target
     entry["versions"][version] = {
-        name: {"fingerprint": m.fingerprint, "defined_in": m.defined_in, "source": m.source} for name, m in sorted(members.items())
+        name: {"fingerprint": m.fingerprint, "defined_in": m.defined_in, "source": m.source}
+        for name, m in sorted(members.items())
     }
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -80,7 +80,9 @@ def _flatten(body: list[ast.stmt]) -> Iterator[ast.stmt]:
     for stmt in body:
         if isinstance(stmt, (ast.If, ast.Try)) or type(stmt).__name__ == "TryStar":  # no ast.TryStar before 3.11
             handlers = [h.body for h in getattr(stmt, "handlers", [])]
-            for block in (getattr(stmt, "body"), *handlers, getattr(stmt, "orelse"), getattr(stmt, "finalbody", [])):
+            # getattr: mypy cannot narrow by the TryStar name test (no ast.TryStar before 3.11).
+            body, orelse = getattr(stmt, "body"), getattr(stmt, "orelse")  # noqa: B009
+            for block in (body, *handlers, orelse, getattr(stmt, "finalbody", [])):
                 yield from _flatten(block)
         else:
             yield stmt

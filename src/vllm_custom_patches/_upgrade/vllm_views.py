@@ -24,7 +24,15 @@ from .._core.graft import descendants, functions_of, mro_lookup
 from .._core.kinds import member_kind, static_kind
 from .._core.targets import TargetSpec, module_of, resolve_target, target_label
 
-__all__ = ["InstalledView", "Original", "StaticView", "SubclassOverride", "TargetNotFound", "View", "function_signature"]
+__all__ = [
+    "InstalledView",
+    "Original",
+    "StaticView",
+    "SubclassOverride",
+    "TargetNotFound",
+    "View",
+    "function_signature",
+]
 
 
 class TargetNotFound(Exception):
@@ -127,7 +135,9 @@ class InstalledView:
         for sub in descendants(cls)[1:]:
             for name in sorted(names & set(vars(sub))):
                 raw = vars(sub)[name]
-                found.append(SubclassOverride(f"{sub.__module__}:{sub.__qualname__}", name, _calls_super(_source(raw), name)))
+                found.append(
+                    SubclassOverride(f"{sub.__module__}:{sub.__qualname__}", name, _calls_super(_source(raw), name))
+                )
         return found
 
 
@@ -182,5 +192,7 @@ class StaticView:
         found = []
         for sub in self.tree.subclasses(cls, package):
             for name in sorted(names & set(sub.members)):
-                found.append(SubclassOverride(f"{sub.module}:{sub.qualname}", name, name in sub.members[name].calls_super))
+                found.append(
+                    SubclassOverride(f"{sub.module}:{sub.qualname}", name, name in sub.members[name].calls_super)
+                )
         return found

@@ -159,7 +159,9 @@ def run_engine(
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         _stop(proc)
-        raise EngineRunError(f"the engine did not finish within {timeout:.0f} s; log tail:\n{_tail(log_path)}") from None
+        raise EngineRunError(
+            f"the engine did not finish within {timeout:.0f} s; log tail:\n{_tail(log_path)}"
+        ) from None
     finally:
         _stop(proc)
         with contextlib.suppress(OSError):
@@ -169,9 +171,7 @@ def run_engine(
     if proc.returncode != 0 or not out_path.exists():
         raise EngineRunError(f"the engine process exited with {proc.returncode}; log tail:\n{_tail(log_path)}")
     result = json.loads(out_path.read_text())
-    processes = tuple(
-        _evidence_of(p["pid"], p["name"], p["role"], evidence) for p in result["processes"]
-    )
+    processes = tuple(_evidence_of(p["pid"], p["name"], p["role"], evidence) for p in result["processes"])
     return EngineRun(
         outputs=tuple(tuple(o) for o in result["outputs"]),
         finished=tuple(result["finished"]),

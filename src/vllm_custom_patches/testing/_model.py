@@ -168,9 +168,7 @@ def _bytes_to_unicode() -> dict[int, str]:
     hence any text, can be encoded without ``<unk>``.
     """
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     chars = printable[:]
     n = 0
@@ -322,9 +320,7 @@ def _write_json(path: pathlib.Path, data: dict[str, Any]) -> None:
     path.write_text(text, encoding="utf-8")
 
 
-def write_tiny_model(
-    directory: str | os.PathLike[str], *, tokenizer: bool = True
-) -> pathlib.Path:
+def write_tiny_model(directory: str | os.PathLike[str], *, tokenizer: bool = True) -> pathlib.Path:
     """Write the tiny Llama model directory and return its path.
 
     Args:

@@ -35,7 +35,11 @@ class NamespaceSnapshot:
             if old is new:
                 before, after = self.states.get(name), _state(new)
                 if before is not None and after is not None and not _same_state(before, after):
-                    keys = sorted(k for k in before.keys() | after.keys() if not _same(before.get(k, MISSING), after.get(k, MISSING)))
+                    keys = sorted(
+                        k
+                        for k in before.keys() | after.keys()
+                        if not _same(before.get(k, MISSING), after.get(k, MISSING))
+                    )
                     details = ", ".join(f"{k}: {before.get(k, MISSING)!r} -> {after.get(k, MISSING)!r}" for k in keys)
                     lines.append(f"* {name} is the same object but was mutated ({details})")
                 continue
