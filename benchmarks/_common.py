@@ -57,7 +57,7 @@ class Table:
 
         def line(cells: list[str]) -> str:
             # First column left-aligned (names), the rest right-aligned (numbers).
-            parts = [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:])]
+            parts = [cells[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
             return "  ".join(parts).rstrip()
 
         out = [self.title, line(self.columns), "  ".join("-" * w for w in widths)]

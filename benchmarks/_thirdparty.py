@@ -67,7 +67,7 @@ def _download_sdist(dest: Path) -> Path:
     error = ""
     for extra in (["--no-build-isolation"], []):
         try:
-            proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
+            proc = subprocess.run(base + extra, capture_output=True, text=True, timeout=300, check=False)
         except subprocess.TimeoutExpired:
             error = "pip download timed out"
             continue

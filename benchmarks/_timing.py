@@ -108,7 +108,7 @@ def interleave(
 
 def per_round_ratios(samples: Mapping[str, Sequence[float]], key: str, baseline: str) -> list[float]:
     """``samples[key][i] / samples[baseline][i]`` for every round ``i``."""
-    return [a / b for a, b in zip(samples[key], samples[baseline])]
+    return [a / b for a, b in zip(samples[key], samples[baseline], strict=True)]
 
 
 @dataclass(frozen=True)

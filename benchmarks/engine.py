@@ -104,7 +104,7 @@ def run_child(spec: dict[str, Any], env: dict[str, str], timeout: float = 600) -
     t0 = time.perf_counter()
     proc = subprocess.run(
         [sys.executable, "-P", str(CHILD), json.dumps(spec)],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
     )  # fmt: skip
     wall = time.perf_counter() - t0
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]

@@ -11,6 +11,7 @@ in :data:`SECTIONS`; a section that fails is reported and the others still run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -82,10 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  ({result.seconds:.1f} s)")
     total = time.perf_counter() - started
     report["seconds"] = round(total, 2)
-    try:
+    with contextlib.suppress(OSError):  # no load average on this platform
         report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     shown = args.json.resolve()

@@ -174,7 +174,7 @@ def installed_dists(options: RunOptions) -> Path:
         if can_build_offline:
             command.append("--no-build-isolation")
         command += sorted(str(p) for p in (work / "src").iterdir())
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
         if proc.returncode != 0:
             raise RuntimeError(f"installing the generated distributions failed:\n{proc.stdout}\n{proc.stderr}")
         (work / "site" / ".complete").write_text(_generator_hash() + "\n")
@@ -193,7 +193,13 @@ def run_child(args: list[str], env: dict[str, str], timeout: float = 300) -> dic
     """Run ``_startup_child.py`` in a fresh interpreter; its JSON, plus the wall time seen from here."""
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-P", str(CHILD), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-P", str(CHILD), *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
     wall = time.perf_counter() - t0
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]

@@ -102,7 +102,7 @@ def run_engine(workdir: Path, model: Path, requests: list[Any], patches: dict[st
     env.update(patches)  # the only difference between the two runs
     with open(log, "wb") as log_file:
         done = subprocess.run([sys.executable, __file__, "--child", str(spec), str(out)], env=env,
-                              stdout=log_file, stderr=subprocess.STDOUT)  # fmt: skip
+                              stdout=log_file, stderr=subprocess.STDOUT, check=False)  # fmt: skip
     if done.returncode != 0:
         sys.exit(f"the engine process failed ({done.returncode}); its log:\n{log.read_text()[-4000:]}")
     result: dict[str, Any] = json.loads(out.read_text())
@@ -152,7 +152,7 @@ def main() -> None:
     before, after = runs["unpatched"], runs["patched"]
     width = max(len(label(rid)) for rid in sizes) + 2
     print(f"\n{'served':>7}  {'unpatched (vLLM: first come, first served)':<{max(width, 44)}}patched ({args.policy})")
-    for i, (a, b) in enumerate(zip(before["finished"], after["finished"]), start=1):
+    for i, (a, b) in enumerate(zip(before["finished"], after["finished"], strict=True), start=1):
         mark = "" if a == b else "  <- moved"
         print(f"{i:>7}  {label(a):<{max(width, 44)}}{label(b):<{width}}{mark}".rstrip())
     moved = [rid for i, rid in enumerate(after["finished"]) if before["finished"][i] != rid]

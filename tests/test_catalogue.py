@@ -184,7 +184,7 @@ def test_weights_parse(value: str, expected: dict[str, float]) -> None:
 
 @pytest.mark.parametrize("value", ["a", "a=", "=2", "a=0", "a=-1", "a=nan", "a=inf", "a=1,a=2", "a=x"])
 def test_bad_weights_are_refused_with_the_variable_named(value: str) -> None:
-    with pytest.raises(PatchConfigError, match="^W="):
+    with pytest.raises(PatchConfigError, match=r"^W="):
         _settings.env_weights({"W": value}, "W")
 
 

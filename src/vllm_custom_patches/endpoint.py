@@ -111,8 +111,10 @@ class CustomPatchesEndpoint:
         if scheme.lower() != "bearer":
             return False
         digest = hashlib.sha256(token.encode()).digest()
-        # Compare with every key, in constant time, as vLLM's middleware does.
-        return any([hmac.compare_digest(digest, known) for known in self._api_key_hashes])
+        # Compare with every key, in constant time, as vLLM's middleware does: a list, not a
+        # generator, so that any() cannot stop at the first match and tell which key it was.
+        matches = [hmac.compare_digest(digest, known) for known in self._api_key_hashes]
+        return any(matches)
 
     async def _control(self, name: str, action: str, request: Any) -> "tuple[int, dict[str, Any]]":
         from ._core.log import logger

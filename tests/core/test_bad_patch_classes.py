@@ -72,7 +72,7 @@ def test_immutable_builtin_target_fails_cleanly(builtin: type) -> None:
 
 def test_string_target_naming_a_module_attribute_that_is_not_a_class() -> None:
     patch = type("NotClass", (VLLMPatch["os.path:join"],), {})
-    with pytest.raises(PatchTargetError, match="'os.path:join' is a function, not a class"):
+    with pytest.raises(PatchTargetError, match=r"'os\.path:join' is a function, not a class"):
         patch.apply()
 
 

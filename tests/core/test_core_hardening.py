@@ -119,7 +119,7 @@ def test_defining_eq_does_not_make_the_target_unhashable() -> None:
         def __init__(self, rid: str) -> None:
             self.rid = rid
 
-    class EqualById(VLLMPatch[Request]):
+    class EqualById(VLLMPatch[Request]):  # noqa: PLW1641 - the implicit __hash__ = None is the subject
         def __eq__(self, other: object) -> bool:
             return isinstance(other, Request) and other.rid == self.rid  # type: ignore[attr-defined,no-any-return]
 
@@ -209,7 +209,7 @@ def test_overriding_another_patchs_addition_is_a_conflict() -> None:
 
     AddsHelper.apply()
     before = snapshot_namespace(Sub4)
-    with pytest.raises(PatchConflictError, match="'AddsHelper'.*as the original of Sub4.helper"):
+    with pytest.raises(PatchConflictError, match=r"'AddsHelper'.*as the original of Sub4\.helper"):
         WrapsHelper.apply()
     before.assert_unchanged()
     AddsHelper.rollback()
@@ -274,7 +274,7 @@ def test_patching_both_sides_of_a_diamond_is_a_conflict(order: str) -> None:
 
 
 def test_unrelated_siblings_without_a_common_subclass_can_both_be_patched() -> None:
-    base, left, right, both = _diamond()
+    _base, left, right, both = _diamond()
     both.__bases__ = (left,)  # Right is no longer in any common MRO
 
     class OnLeft(VLLMPatch[left]):  # type: ignore[valid-type,misc]
@@ -308,7 +308,7 @@ def test_abc_caches_do_not_keep_what_a_rolled_back_patch_taught_them() -> None:
 
 
 def test_abc_caches_follow_a_none_member_replaced_and_put_back() -> None:
-    class Key:
+    class Key:  # noqa: PLW1641 - the implicit __hash__ = None is the subject
         def __eq__(self, other: object) -> bool:
             return True  # so Python set __hash__ = None: not Hashable
 
@@ -370,11 +370,12 @@ def test_a_global_named_like_an_original_is_not_taken_for_one() -> None:
 
 
 def test_an_attribute_original_without_its_member_is_still_refused() -> None:
-    with pytest.raises(PatchDefinitionError, match="uses self._original_other"):
+    with pytest.raises(PatchDefinitionError, match=r"uses self\._original_other"):
 
         class Wrong(VLLMPatch[Base4]):
             def run(self) -> object:
-                return (lambda: self._original_other())()  # type: ignore[attr-defined]
+                # The call inside a nested function is the subject (found in its code object).
+                return (lambda: self._original_other())()  # type: ignore[attr-defined]  # noqa: PLC3002, PLW0108
 
 
 # -- 10. members of plain mixins are grafted --------------------------------------
@@ -432,7 +433,7 @@ def test_a_mixin_with_slots_is_refused_and_empty_slots_are_fine() -> None:
 
 
 def test_a_mixin_defining_eq_does_not_graft_the_implicit_hash() -> None:
-    class EqMixin:
+    class EqMixin:  # noqa: PLW1641 - the implicit __hash__ = None is the subject
         def __eq__(self, other: object) -> bool:
             return True
 

@@ -138,7 +138,7 @@ def test_the_kind_is_the_one_the_inherited_original_has() -> None:
 
 
 def test_blocked_protocols_and_implicit_dunders_are_not_kind_changes() -> None:
-    class Target:
+    class Target:  # noqa: PLW1641 - the implicit __hash__ = None is the subject
         def __eq__(self, other: object) -> bool:  # Python sets __hash__ = None beside it
             return True
 

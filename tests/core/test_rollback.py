@@ -168,5 +168,5 @@ def test_snapshot_reports_each_kind_of_change() -> None:
     lines = before.changes()
     assert any(line.startswith("+ added") for line in lines)
     assert any(line.startswith("~ own") for line in lines)
-    with pytest.raises(AssertionError, match="Target.__dict__ changed"):
+    with pytest.raises(AssertionError, match=r"Target\.__dict__ changed"):
         before.assert_unchanged()

@@ -33,7 +33,7 @@ def test_states_move_through_available_applied_failed(monkeypatch: pytest.Monkey
     assert _status("Cycle").state == "applied"  # type: ignore[attr-defined]
     Cycle.rollback()
     assert _status("Cycle").state == "available"  # type: ignore[attr-defined]
-    with pytest.raises(PatchTargetError, match="cannot import module 'no_such_module_for_vcp_tests.sub'") as info:
+    with pytest.raises(PatchTargetError, match=r"cannot import module 'no_such_module_for_vcp_tests\.sub'") as info:
         Broken.apply()
     assert isinstance(info.value.__cause__, ImportError)
     broken = _status("Broken")

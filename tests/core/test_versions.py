@@ -212,7 +212,7 @@ def test_stacked_gates_must_all_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     assert both().apply()
     PatchManager.rollback_all()
     monkeypatch.setenv(ENV_VLLM_VERSION, "0.25.0")
-    with pytest.raises(PatchVersionError, match="<0.20"):
+    with pytest.raises(PatchVersionError, match=r"<0\.20"):
         both().apply()
 
 

@@ -519,7 +519,11 @@ def test_the_route_answers_500_inconsistent_and_the_status_shows_the_mixed_state
     # One engine core: the API server refuses (another tool wrapped the method here), the engine
     # core rolled back and cannot be asked to undo. Each role alone looks uniform.
     grafted = Target.__dict__["run"]
-    monkeypatch.setattr(Target, "run", lambda self: grafted(self))
+
+    def wrapped_by_another_tool(self: Any) -> Any:
+        return grafted(self)
+
+    monkeypatch.setattr(Target, "run", wrapped_by_another_tool)
     engines = _Engines({0: _rolls_back_then_hangs})
     client = _app(engines)
     answer = client.post("/custom_patches/hardened/rollback", headers={"Authorization": f"Bearer {TOKEN}"})

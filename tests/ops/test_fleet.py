@@ -11,7 +11,7 @@ import http.server
 import json
 import threading
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -143,8 +143,8 @@ def test_responders_are_installed_only_on_imported_vllm_classes_and_never_over_a
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
-    answers: dict[str, tuple[int, bytes]] = {}
-    seen_auth: list[str | None] = []
+    answers: ClassVar[dict[str, tuple[int, bytes]]] = {}
+    seen_auth: ClassVar[list[str | None]] = []
 
     def do_GET(self) -> None:
         type(self).seen_auth.append(self.headers.get("Authorization"))

@@ -81,7 +81,7 @@ def test_the_package_s_own_test_suite_passes(vllm_workspace: VllmWorkspace, tmp_
             "-p",
             "no:cacheprovider",
             f"--basetemp={tmp_path / 'basetemp'}",
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         env=env,

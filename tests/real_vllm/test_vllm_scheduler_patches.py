@@ -199,7 +199,7 @@ def test_the_policies_refuse_a_priority_queue() -> None:
     require_fcfs_queue(fcfs, "shortest_prompt_first")
     assert isinstance(fcfs.waiting, deque)
     prio = SimpleNamespace(waiting=create_request_queue(SchedulingPolicy.PRIORITY), policy=SchedulingPolicy.PRIORITY)
-    with pytest.raises(PatchConfigError, match="'priority'.*--scheduling-policy fcfs"):
+    with pytest.raises(PatchConfigError, match=r"'priority'.*--scheduling-policy fcfs"):
         require_fcfs_queue(prio, "shortest_prompt_first")
 
 

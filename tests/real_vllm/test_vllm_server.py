@@ -9,6 +9,7 @@ with the ``openai`` client; the last test stops it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -50,10 +51,8 @@ def _descendants(pid: int) -> dict[int, str]:
 
     found = {}
     for proc in psutil.Process(pid).children(recursive=True):
-        try:
+        with contextlib.suppress(psutil.Error):  # gone, or not ours to read
             found[proc.pid] = proc.name() + " " + " ".join(proc.cmdline())
-        except psutil.Error:
-            pass
     return found
 
 

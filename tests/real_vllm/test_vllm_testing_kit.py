@@ -66,7 +66,7 @@ def test_a_patch_that_stops_start_up_surfaces_as_an_engine_run_error(tiny_vllm_m
     patch_dir.mkdir(mode=0o755)
     (patch_dir / "misfit.py").write_text(_MISFIT)
     (patch_dir / "misfit.py").chmod(0o644)
-    with pytest.raises(EngineRunError, match="(?s)exited with .*schedule_v2"):
+    with pytest.raises(EngineRunError, match=r"(?s)exited with .*schedule_v2"):
         run_engine(
             tiny_vllm_model,
             patches="Misfit",

@@ -205,9 +205,10 @@ def sources(draw: st.DrawFn) -> str:
     if draw(st.booleans()):
         drawn.append((P.VAR_KEYWORD, "kwargs", False))
     params, default_seen = [], False
-    for kind, name, has_default in sorted(drawn, key=lambda p: p[0]):
+    for kind, name, drawn_default in sorted(drawn, key=lambda p: p[0]):
+        has_default = drawn_default
         if kind in (P.POSITIONAL_ONLY, P.POSITIONAL_OR_KEYWORD):  # positional defaults are trailing
-            default_seen = has_default = default_seen or has_default
+            default_seen = has_default = default_seen or drawn_default
         params.append(P(name, kind, default=0 if has_default else P.empty))
     return f"def f{inspect.Signature(params)}: pass"
 

@@ -79,7 +79,7 @@ def _refresh(target: type, *, gained: bool, lost: bool, before: dict[type, objec
     return changed
 
 
-class _Invalidator(abc.ABC):
+class _Invalidator(abc.ABC):  # noqa: B024 - an ABC only for its register(): nothing is abstract
     """Registers throw-away classes only to invalidate negative caches."""
 
 

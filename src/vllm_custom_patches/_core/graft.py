@@ -8,6 +8,7 @@ the base class exactly as before.
 
 from __future__ import annotations
 
+import contextlib
 import dis
 import functools
 import types
@@ -110,7 +111,7 @@ def rebind(member: object, owner: type) -> object:
         return wrapper
     if type(member) is property:
         accessors = [rebind(f, owner) if f is not None else None for f in (member.fget, member.fset, member.fdel)]
-        if all(new is old for new, old in zip(accessors, (member.fget, member.fset, member.fdel))):
+        if all(new is old for new, old in zip(accessors, (member.fget, member.fset, member.fdel), strict=True)):
             return member
         return property(*accessors, member.__doc__)  # type: ignore[arg-type,call-arg]
     if type(member) is functools.cached_property:
@@ -141,10 +142,8 @@ def _with_class_cell(func: types.FunctionType, owner: type) -> types.FunctionTyp
 
 
 def _copy_instance_dict(source: object, dest: object) -> None:
-    try:
+    with contextlib.suppress(TypeError):  # objects without a __dict__ carry nothing to copy
         vars(dest).update(vars(source))
-    except TypeError:  # objects without a __dict__ carry nothing to copy
-        pass
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,7 @@ async def call_engine_cores(
         )
         return [(None, error)]
     answers = await asyncio.gather(*calls, return_exceptions=True)
-    return list(zip(dp_ranks, answers))
+    return list(zip(dp_ranks, answers, strict=True))
 
 
 def _engine_rank(engine: Any) -> int | None:

@@ -375,7 +375,7 @@ def print_status(report: Mapping[str, Any], out: TextIO) -> None:
     header = ["process", *names]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
-        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip(), file=out)
+        print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=out)
     print(file=out)
     for issue in report.get("inconsistencies", []):
         for missing in issue["missing_in"]:

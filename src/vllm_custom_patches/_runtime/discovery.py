@@ -120,8 +120,7 @@ def load_path(value: str) -> PathLoad:
     the caller's error policy decides.
     """
     result = PathLoad()
-    for entry in value.split(os.pathsep):
-        entry = entry.strip()
+    for entry in (part.strip() for part in value.split(os.pathsep)):
         if entry:
             try:
                 files = _patch_files(os.path.abspath(entry))

@@ -128,9 +128,9 @@ def _load(path: Path) -> dict[str, Any]:
 
     from packaging.version import InvalidVersion, Version
 
-    for patch, entry in mapping(data.get("patches", _MISSING), "patches").items():
+    for patch, raw_entry in mapping(data.get("patches", _MISSING), "patches").items():
         where = f"patches[{patch!r}]"
-        entry = mapping(entry, where)
+        entry = mapping(raw_entry, where)
         text(entry.get("target", _MISSING), f"{where}.target")
         for version, members in mapping(entry.get("versions", _MISSING), f"{where}.versions").items():
             at = f"{where}.versions[{version!r}]"

@@ -219,7 +219,7 @@ def signature_from_ast(node: ast.FunctionDef | ast.AsyncFunctionDef) -> inspect.
         add(arg, _P.POSITIONAL_ONLY if i < len(a.posonlyargs) else _P.POSITIONAL_OR_KEYWORD, defaults[i])
     if a.vararg is not None:
         add(a.vararg, _P.VAR_POSITIONAL)
-    for arg, kw_default in zip(a.kwonlyargs, a.kw_defaults):
+    for arg, kw_default in zip(a.kwonlyargs, a.kw_defaults, strict=True):
         add(arg, _P.KEYWORD_ONLY, kw_default)  # None: a required keyword-only parameter
     if a.kwarg is not None:
         add(a.kwarg, _P.VAR_KEYWORD)

@@ -12,6 +12,7 @@ computed at run time (``type()``, ``setattr``, a base returned by a call) is not
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import os
 import re
@@ -274,8 +275,8 @@ class SourceTree:
         # A nested class's bases are looked up in the enclosing class body first.
         siblings = {s.name for s in _flatten(outer) if isinstance(s, ast.ClassDef) and s.lineno < node.lineno}
         bases: list[str] = []
-        for expr in node.bases:
-            expr = expr.value if isinstance(expr, ast.Subscript) else expr  # Generic[T] -> Generic
+        for written in node.bases:
+            expr = written.value if isinstance(written, ast.Subscript) else written  # Generic[T] -> Generic
             if (dotted := _dotted(expr)) is None:
                 bases.append(ast.unparse(expr))
                 continue
@@ -402,8 +403,6 @@ def _remove_stale(path: Path, keep: Path) -> None:
         if old != keep and stale.fullmatch(old.name) and old.is_dir() and not old.is_symlink():
             # Renamed away first, so a tree half removed is never found under a cache name.
             gone = Path(tempfile.mkdtemp(prefix=f"{path.stem}.", suffix=".tmp", dir=path.parent))
-            try:
+            with contextlib.suppress(OSError):  # another run removed it
                 os.rename(old, gone / "tree")
-            except OSError:
-                pass  # another run removed it
             shutil.rmtree(gone, ignore_errors=True)

@@ -36,6 +36,7 @@ imported where vLLM and its dependencies are not installed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
@@ -69,12 +70,12 @@ MAX_POSITION_EMBEDDINGS: Final[int] = 256
 #:
 #: The server equivalent is ``--load-format dummy --max-model-len 128
 #: --enforce-eager --dtype float32``.
-ENGINE_KWARGS: Final[dict[str, Any]] = dict(
-    load_format="dummy",
-    max_model_len=128,
-    enforce_eager=True,
-    dtype="float32",
-)
+ENGINE_KWARGS: Final[dict[str, Any]] = {
+    "load_format": "dummy",
+    "max_model_len": 128,
+    "enforce_eager": True,
+    "dtype": "float32",
+}
 
 #: Environment variables for processes that start the engine.
 #:
@@ -177,7 +178,7 @@ def _bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             chars.append(256 + n)
             n += 1
-    return {b: chr(c) for b, c in zip(printable, chars)}
+    return {b: chr(c) for b, c in zip(printable, chars, strict=True)}
 
 
 # Approximates the GPT-2 pre-tokenizer regex (which the ``tokenizers``
@@ -201,12 +202,12 @@ def _learn_bpe(n_merges: int) -> tuple[list[str], list[tuple[str, str]]]:
     for line in _CORPUS:
         for piece in _PRETOKENIZE.findall(line):
             word_counts[tuple(table[b] for b in piece.encode("utf-8"))] += 1
-    words = {w: c for w, c in sorted(word_counts.items())}
+    words = dict(sorted(word_counts.items()))
     merges: list[tuple[str, str]] = []
     while len(merges) < n_merges:
         pairs: Counter[tuple[str, str]] = Counter()
         for word, count in words.items():
-            for pair in zip(word, word[1:]):
+            for pair in itertools.pairwise(word):
                 pairs[pair] += count
         if not pairs:
             break

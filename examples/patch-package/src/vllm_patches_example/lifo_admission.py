@@ -60,7 +60,7 @@ def _reorder_in_place(queue: Any, ordered: list[Any]) -> None:
     The scheduler keeps references to its queue, so the object must stay the
     same; only its contents move.
     """
-    if any(a is not b for a, b in zip(queue, ordered)):
+    if any(a is not b for a, b in zip(queue, ordered, strict=True)):
         queue.clear()
         queue.extend(ordered)
 
