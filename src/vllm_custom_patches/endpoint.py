@@ -12,7 +12,7 @@ not in others, or a process could not answer.  It only reads, and costs the
 engines the same however often it is asked: concurrent requests share one
 collection, and a view up to about a second old (its ``age_s``) answers the
 next ones (``_fleet.SharedCollection``); a kill-switch change collects afresh
-at once.  When the
+at once, in every API server of the server (``_ops.epoch``).  When the
 server has an API key (``--api-key`` or ``VLLM_API_KEY``) the route requires
 it as ``Authorization: Bearer <key>``, like vLLM's ``/v1`` routes (vLLM's own
 middleware guards only those).
@@ -67,10 +67,12 @@ class CustomPatchesEndpoint:
     required_tasks = None  # every server, generate or pooling; a render server has no engine
 
     def __init__(self, clock: "Callable[[], float]" = time.monotonic) -> None:
+        from ._ops.epoch import ChangeEpoch
         from ._ops.fleet import SharedCollection
 
         self._engine_client: Any = None
-        self._status = SharedCollection(self._collect, clock=clock)
+        self._epoch = ChangeEpoch(None)  # the server's address, which names it, comes with init_state
+        self._status = SharedCollection(self._collect, clock=clock, epoch=self._read_epoch)
         self._api_key_hashes: list[bytes] = []
         self._refresher: asyncio.Task[None] | None = None
         self._control_token_hash: bytes | None = None
@@ -99,7 +101,12 @@ class CustomPatchesEndpoint:
         app.include_router(router)
 
     async def init_state(self, engine_client: Any, state: "State", args: Namespace) -> None:
+        from ._ops.epoch import ChangeEpoch
+
         self._engine_client = engine_client
+        # Shared with the server's other API servers (vLLM may start several): a change made through
+        # any of them makes every one collect afresh.
+        self._epoch = ChangeEpoch.for_server(args)
         keys = [key for key in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if key]
         self._api_key_hashes = [hashlib.sha256(key.encode()).digest() for key in keys]
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
@@ -151,13 +158,19 @@ class CustomPatchesEndpoint:
         requester = f"{who}" + (f" ({reason})" if reason else "")
         async with self._control_lock:  # one change at a time; the next waits
             logger.warning("vllm-custom-patches control: %s of patch %r requested by %s", action, name, requester)
-            report = await change(self._engine_client, action, name, requester)
+            try:
+                report = await change(self._engine_client, action, name, requester)
+            finally:
+                self._epoch.advance()  # before the answer: no API server of this server serves an older view
             logger.warning("vllm-custom-patches control: %s", summary(report))
             try:
                 await self._status.refresh()  # the status route and the metric show the new state at once
             except Exception:
                 logger.warning("vllm-custom-patches: refreshing the status after a change failed", exc_info=True)
         return HTTP_STATUS[report["outcome"]], report
+
+    def _read_epoch(self) -> str:
+        return self._epoch.read()  # the epoch of the address init_state was given, once it was
 
     async def _collect(self) -> "dict[str, Any]":
         from ._ops.fleet import collect

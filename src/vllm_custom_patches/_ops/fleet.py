@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 from .agent import STATUS_METHOD, WORKER_TIMEOUT_S, process_record, unreachable_record
@@ -55,6 +55,12 @@ class SharedCollection:
     collection never starts while another runs.  A failed collection is not
     kept: the next request tries again.  :meth:`refresh`, after a change,
     drops the view and returns one collected after the call.
+
+    ``epoch`` answers something new after every change made anywhere in the
+    server (``epoch.ChangeEpoch``: another API server of the same server may
+    have made it): a view, or a collection in flight, that began under another
+    epoch is never given to a request.  So a request made after a change has
+    been answered gets a view collected after it, whichever API server made it.
     """
 
     def __init__(
@@ -63,41 +69,48 @@ class SharedCollection:
         *,
         max_age_s: float = MAX_AGE_S,
         clock: Callable[[], float] = time.monotonic,
+        epoch: Callable[[], Hashable] = lambda: None,
     ) -> None:
         self._collect = collect
         self._max_age_s = max_age_s
         self._clock = clock
+        self._epoch = epoch
         self._generation = 0
         """Bumped by refresh(): a collection started before it is not given to later requests."""
         self._task: asyncio.Task[tuple[dict[str, Any], float]] | None = None
-        self._task_generation = -1
-        self._latest: tuple[dict[str, Any], float] | None = None
-        """The last view of the current generation, and when (on ``clock``) it was collected."""
+        self._task_key: tuple[int, Hashable] | None = None
+        """The generation and epoch read just before the collection in flight was started."""
+        self._latest: tuple[dict[str, Any], float, tuple[int, Hashable]] | None = None
+        """The last view, when (on ``clock``) it was collected, and the key its collection started under."""
         self.waiting = 0
         """How many callers await the collection in flight (for tests and debugging)."""
 
+    def _key(self) -> tuple[int, Hashable]:
+        return self._generation, self._epoch()
+
     async def get(self) -> dict[str, Any]:
-        """A view no older than ``max_age_s``: the last one, or the one in flight, or a new one."""
+        """A view no older than ``max_age_s``, begun after every change made before this call."""
+        key = self._key()
         if self._latest is not None:
-            report, collected_at = self._latest
+            report, collected_at, began = self._latest
             age = self._clock() - collected_at
-            if 0 <= age < self._max_age_s:
+            if began == key and 0 <= age < self._max_age_s:
                 return {**report, "age_s": round(age, 3)}
-        return await self._join()
+        return await self._join(key)
 
     async def refresh(self) -> dict[str, Any]:
         """A view collected after this call (after a change: the new state, at once)."""
         self._generation += 1
         self._latest = None
-        return await self._join()
+        return await self._join(self._key())
 
-    async def _join(self) -> dict[str, Any]:
+    async def _join(self, key: tuple[int, Hashable]) -> dict[str, Any]:
         task = self._task
-        if task is None or task.done() or self._task_generation != self._generation:
+        if task is None or task.done() or self._task_key != key:
             previous = task if task is not None and not task.done() else None
-            task = asyncio.get_running_loop().create_task(self._run(previous, self._generation))
+            task = asyncio.get_running_loop().create_task(self._run(previous, key))
             task.add_done_callback(_retrieve)
-            self._task, self._task_generation = task, self._generation
+            self._task, self._task_key = task, key
         self.waiting += 1
         try:
             # Shielded: a client that goes away must not cancel the others' collection.
@@ -107,14 +120,15 @@ class SharedCollection:
         return {**report, "age_s": round(max(0.0, self._clock() - collected_at), 3)}
 
     async def _run(
-        self, previous: asyncio.Task[tuple[dict[str, Any], float]] | None, generation: int
+        self, previous: asyncio.Task[tuple[dict[str, Any], float]] | None, key: tuple[int, Hashable]
     ) -> tuple[dict[str, Any], float]:
         if previous is not None:
             await asyncio.wait([previous])  # one at a time; its outcome is its own awaiters'
         report = await self._collect()
         collected_at = self._clock()
-        if generation == self._generation:
-            self._latest = (report, collected_at)
+        if key[0] == self._generation:
+            # Kept with its key: get() gives it only while no change has been made since that key was read.
+            self._latest = (report, collected_at, key)
         return report, collected_at
 
 
