@@ -10,6 +10,7 @@ after the fact, so both go stale unless refreshed here.
 from __future__ import annotations
 
 import abc
+from collections.abc import MutableMapping
 
 from .graft import MISSING, ORIGINAL_PREFIX, descendants
 from .log import logger
@@ -18,7 +19,7 @@ __all__ = ["refresh_abc_state"]
 
 
 def refresh_abc_state(
-    target: type, *, gained: bool, lost: bool, before: dict[type, object] | None = None
+    target: type, *, gained: bool, lost: bool, before: MutableMapping[type, object] | None = None
 ) -> dict[type, object]:
     """:func:`_refresh` that never raises: the members are already in place and recorded by then.
 
@@ -33,14 +34,18 @@ def refresh_abc_state(
         return {}
 
 
-def _refresh(target: type, *, gained: bool, lost: bool, before: dict[type, object] | None = None) -> dict[type, object]:
+def _refresh(
+    target: type, *, gained: bool, lost: bool, before: MutableMapping[type, object] | None = None
+) -> dict[type, object]:
     """Bring ``abc``'s view of ``target``'s hierarchy up to date after members changed.
 
     ``__abstractmethods__`` of ``target`` and its subclasses is recomputed,
     parents first.  Returns, for each class whose set changed, the object it
-    held before; ``before`` is such a record from an earlier call (an apply):
-    a class whose recomputed set equals the one recorded gets that very object
-    back, so a rollback leaves ``vars()`` identical, not merely equal.
+    held before.  ``before`` is the registry's memory of each class's set as
+    it was before any patch changed it: a class whose recomputed set equals
+    the one remembered gets that very object back (and is forgotten), so
+    rollbacks in any order leave ``vars()`` identical, not merely equal; a
+    class changed for the first time is remembered.
 
     Then the caches: always those of ABCs in the hierarchy itself (cheap).
     ``gained``: a member became available (an addition, or a ``None``
@@ -62,8 +67,14 @@ def _refresh(target: type, *, gained: bool, lost: bool, before: dict[type, objec
         new = _abstract_names(cls)
         if new == current:
             continue
-        recorded = (before or {}).get(cls, MISSING)
-        cls.__abstractmethods__ = recorded if recorded == new else new  # type: ignore[attr-defined]
+        recorded = before.get(cls, MISSING) if before is not None else MISSING
+        if recorded is not MISSING and recorded == new:
+            cls.__abstractmethods__ = recorded  # type: ignore[attr-defined]
+            del before[cls]  # type: ignore[union-attr]
+        else:
+            cls.__abstractmethods__ = new  # type: ignore[attr-defined]
+            if before is not None and recorded is MISSING:
+                before[cls] = current
         changed[cls] = current
     for cls in (*target.__mro__[1:], *hierarchy):
         if isinstance(cls, abc.ABCMeta):

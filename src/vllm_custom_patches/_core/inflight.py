@@ -8,6 +8,11 @@ such a call may yet reach ``self._original_x``.  Until then the original
 *lingers* on the target, and a daemon thread removes it as soon as those
 calls have returned; the target's namespace is then exactly as before.
 
+A patch's ``original()`` table (``spec.Originals``) lingers the same way: a
+rolled-back patch keeps its entries (a layer of a stack keeps its place, and
+reaches the next layer still applied inward of it) until no thread runs its
+code.
+
 What cannot be seen: a patched generator or coroutine suspended between two
 steps is on no thread's stack, so it does not hold its original back.
 """
@@ -25,7 +30,7 @@ from .forksafe import ForkSafeRLock
 from .graft import MISSING, Change, code_objects, functions_of, restore
 from .log import logger
 
-__all__ = ["Lingerers", "Lingering", "codes_of", "threads_running"]
+__all__ = ["Lingerers", "Lingering", "LingeringLayer", "codes_of", "threads_running"]
 
 _POLL_S = (0.001, 0.05)
 """The sweeper's first and longest pause between two looks at the threads."""
@@ -64,17 +69,46 @@ class Lingering:
     codes: frozenset[types.CodeType]
 
 
+@dataclass(frozen=True)
+class LingeringLayer:
+    """A rolled-back patch's ``original(member)`` entry, kept while calls may still use it."""
+
+    patch: str
+    table: dict[str, object]
+    """The patch class's ``original()`` table; the sweep removes ``member`` from it."""
+    target: type
+    member: str
+    key: tuple[int, str] | None
+    """Its place in the member's stack (see ``stacks.Layer.key``); ``None`` for a patch that is not stackable."""
+    base: object
+    """What its ``original(member)`` gives when no applied layer is inward of it."""
+    codes: frozenset[types.CodeType]
+
+
 class Lingerers:
     """The lingering originals of one registry; every method needs the registry's lock held."""
 
     def __init__(self, lock: ForkSafeRLock) -> None:
         self._lock = lock
         self.entries: dict[tuple[type, str], Lingering] = {}
+        self.layers: dict[tuple[type, str, str], LingeringLayer] = {}  # (target, member, patch) -> entry
         self._sweeper: threading.Thread | None = None
 
     def add(self, entry: Lingering) -> None:
         self.entries[(entry.target, entry.name)] = entry
         self._ensure_sweeper()
+
+    def add_layer(self, entry: LingeringLayer) -> None:
+        self.layers[(entry.target, entry.member, entry.patch)] = entry
+        self._ensure_sweeper()
+
+    def layers_of(self, target: type, member: str) -> list[LingeringLayer]:
+        """The lingering ``original()`` entries of ``target.member``."""
+        return [entry for (klass, name, _), entry in self.layers.items() if klass is target and name == member]
+
+    def adopt_layer(self, target: type, member: str, patch: str) -> None:
+        """Hand a lingering entry over to an apply of the same patch: its table entry is the apply's now."""
+        self.layers.pop((target, member, patch), None)
 
     def _ensure_sweeper(self) -> None:
         if self._sweeper is None or not self._sweeper.is_alive():
@@ -105,6 +139,10 @@ class Lingerers:
                     logger.warning("could not remove %s.%s: %r", entry.target.__qualname__, entry.name, exc)
                     continue
                 logger.debug("removed lingering %s.%s of patch %r", entry.target.__qualname__, entry.name, entry.patch)
+        for layer_key, layer in list(self.layers.items()):
+            if threads_running(layer.codes) == 0:
+                del self.layers[layer_key]
+                layer.table.pop(layer.member, None)
 
     def _sweep_until_done(self) -> None:
         pause = _POLL_S[0]
@@ -112,7 +150,7 @@ class Lingerers:
             time.sleep(pause)
             with self._lock:
                 self.sweep()
-                if not self.entries:
+                if not self.entries and not self.layers:
                     self._sweeper = None
                     return
             pause = min(pause * 2, _POLL_S[1])
@@ -120,5 +158,5 @@ class Lingerers:
     def after_fork_in_child(self) -> None:
         # Threads do not survive a fork; the child needs its own sweeper.
         self._sweeper = None
-        if self.entries:
+        if self.entries or self.layers:
             self._ensure_sweeper()

@@ -6,15 +6,18 @@ rollback can put back exactly what was there.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .abcs import refresh_abc_state
 from .errors import PatchApplyError, PatchConflictError, PatchError, PatchVersionError
-from .graft import MISSING, ORIGINAL_PREFIX, Transaction, rebind, restore
-from .inflight import Lingering, codes_of, threads_running
+from .graft import MISSING, ORIGINAL_PREFIX, Change, Transaction, mro_lookup, rebind, restore
+from .inflight import Lingering, LingeringLayer, codes_of, threads_running
 from .live import check_live_instances
 from .log import logger
 from .planning import check_conflicts, plan_apply
-from .registry import REGISTRY, Applied
-from .spec import PatchLike, PatchSpec
+from .registry import REGISTRY, Applied, Registry
+from .spec import Originals, PatchLike, PatchSpec
+from .stacks import Layer, Stack, class_get, relink
 from .status import PatchState
 from .targets import resolve_target
 from .versions import check_gate
@@ -71,10 +74,14 @@ def rollback(name: str) -> bool:
         if record is None:
             return False
         target = record.target
-        for change in record.changes:
-            if vars(target).get(change.name, MISSING) is not change.new:
+        held = [(change.name, change.new) for change in record.changes]
+        for member in record.stacked:
+            stack = reg.stacks[(target, member)]
+            held += [(member, stack.top_held), (ORIGINAL_PREFIX + member, stack.original_held)]
+        for member, value in held:
+            if vars(target).get(member, MISSING) is not value:
                 raise PatchConflictError(
-                    f"cannot roll back patch {name!r}: {target.__qualname__}.{change.name} "
+                    f"cannot roll back patch {name!r}: {target.__qualname__}.{member} "
                     f"was replaced after the patch was applied, by code outside this "
                     f"patch. Undo that change first; nothing was rolled back."
                 )
@@ -83,14 +90,24 @@ def rollback(name: str) -> bool:
         # still inside the patch's code, which may yet call it.
         originals = [change for change in record.changes if change.name.startswith(ORIGINAL_PREFIX)]
         members = [change for change in record.changes if not change.name.startswith(ORIGINAL_PREFIX)]
+        bases = {change.name[len(ORIGINAL_PREFIX) :]: change.new for change in originals}
         errors: list[BaseException] = []
         for change in reversed(members):
             try:
                 restore(target, change)
             except Exception as exc:
                 errors.append(exc)
+        gained, lost = record.lost, record.gained  # what the apply gained is lost now, and the other way round
+        for member in record.stacked:
+            bases[member] = reg.stacks[(target, member)].base
+            try:
+                came, went = _leave(reg, target, member, name)
+            except Exception as exc:
+                errors.append(exc)
+                continue
+            gained, lost = gained or came, lost or went
         codes = record.codes
-        busy = threads_running(codes) if originals else 0
+        busy = threads_running(codes) if record.overrides else 0
         for change in reversed(originals):
             if busy:
                 reg.lingerers.add(Lingering(name, target, change.name, change.new, codes))
@@ -99,15 +116,28 @@ def rollback(name: str) -> bool:
                 restore(target, change)
             except Exception as exc:
                 errors.append(exc)
+        table = record.patch._vcp_originals
+        table.additions = None
+        key = (-record.patch._vcp_spec.order, name)
+        for member in record.overrides:
+            if busy:
+                stacked = member in record.stacked
+                reg.lingerers.add_layer(
+                    LingeringLayer(name, table, target, member, key if stacked else None, bases[member], codes)
+                )
+            else:
+                table.pop(member, None)
         if busy:
             logger.info(
                 "Patch %r: %d thread(s) are still inside its code; %s stay until they return",
                 name,
                 busy,
-                ", ".join(f"{target.__qualname__}.{change.name}" for change in originals),
+                ", ".join(
+                    [f"{target.__qualname__}.{change.name}" for change in originals]
+                    + [f"its original({member!r})" for member in record.stacked]
+                ),
             )
-        # What the apply gained is lost now, and the other way round.
-        refresh_abc_state(target, gained=record.lost, lost=record.gained, before=record.abstracts)
+        refresh_abc_state(target, gained=gained, lost=lost, before=reg.abc_before)
         del reg.applied[name]
         owners = reg.owners.get(target, {})
         for change in record.changes:
@@ -121,6 +151,34 @@ def rollback(name: str) -> bool:
         ) from errors[0]
     logger.info("Rolled back patch %r from %s", name, _label(target))
     return True
+
+
+def _leave(reg: Registry, target: type, member: str, name: str) -> tuple[bool, bool]:
+    """Take patch ``name``'s layer out of the stack on ``target.member``; whether a member came or went (abc)."""
+    stack = reg.stacks[(target, member)]
+    rest = stack.without(name)
+    before = _shown(target, member)
+    if not rest.layers:
+        # The last layer: exactly what a single patch's rollback puts back.
+        del reg.stacks[(target, member)]
+        restore(target, Change(member, stack.old, stack.top_held))
+        restore(target, Change(ORIGINAL_PREFIX + member, MISSING, stack.original_held))
+    elif stack.layers[0].patch == name:
+        # The outermost: the next one out takes its place on the target.
+        restore(target, Change(member, rest.layers[0].member, stack.top_held))
+        reg.stacks[(target, member)] = replace(rest, top_held=vars(target).get(member, MISSING))
+    else:
+        reg.stacks[(target, member)] = rest
+    # The layer outward of it now skips it; its own entry stays as it is (it may linger).
+    relink(reg.stacks, reg.lingerers, target, member)
+    after = _shown(target, member)
+    return before is None and after is not None, after is None and before is not None
+
+
+def _shown(target: type, member: str) -> object:
+    """What the target offers under ``member``, raw: its own or inherited (``MISSING``: nothing)."""
+    found = mro_lookup(target, member)
+    return found[1] if found is not None else MISSING
 
 
 def rollback_all() -> list[str]:
@@ -142,30 +200,46 @@ def rollback_all() -> list[str]:
 
 
 def _graft(patch_cls: type[PatchLike], spec: PatchSpec, target: type, live_check: bool) -> Applied:
-    plan = plan_apply(spec, target)
-    check_conflicts(REGISTRY, spec, target, plan)
+    reg = REGISTRY
+    plan = plan_apply(spec, target, reg.stacks)
+    check_conflicts(reg, spec, target, plan)
     if live_check:
         # Last of the checks (it walks the heap), and before any change: a
         # refusal leaves nothing to undo, and no call ever ran the patch.
         check_live_instances(patch_cls, spec, target)
     originals = dict(plan.overrides)
+    stacked = tuple(originals) if spec.stackable else ()
+    table = patch_cls._vcp_originals
+    table_before = {member: table.get(member, MISSING) for member in originals}
     tx = Transaction(target)
     # Each original goes in before its replacement, so a thread calling the
-    # target meanwhile never finds a graft whose original is missing.
+    # target meanwhile never finds a graft whose original is missing; the
+    # patch's original() entries go in first of all, for the same reason.
     steps: list[tuple[str, object, bool]] = []  # (name, value, is the member itself)
     for member, value in spec.members.items():
+        if member in stacked:
+            continue
         if member in originals:
             steps.append((ORIGINAL_PREFIX + member, originals[member], False))
         steps.append((member, rebind(value, target), True))
+    joined: dict[str, Stack] = {}
+    shown = {member: _shown(target, member) for member in stacked}
     member = ""
     try:
+        for member, original in originals.items():
+            if member not in stacked:
+                table[member] = class_get(original, target)
         for member, value, own in steps:
-            lingering = not own and REGISTRY.lingerers.lingering(target, member) is not None
-            tx.set(member, value, set_name=own, absent_before=lingering)
-            if lingering:
-                REGISTRY.lingerers.adopt(target, member)
+            _set(tx, member, value, own)
+        for member in stacked:
+            joined[member] = _join(tx, spec, table, target, member, plan.holders[member], originals[member])
     except BaseException as exc:
         undo_errors = tx.undo()
+        for name, old in table_before.items():
+            if old is MISSING:
+                table.pop(name, None)
+            else:
+                table[name] = old
         if undo_errors:
             raise PatchApplyError(
                 f"patch {spec.name!r}: setting {target.__qualname__}.{member} failed "
@@ -178,21 +252,73 @@ def _graft(patch_cls: type[PatchLike], spec: PatchSpec, target: type, live_check
             f"patch {spec.name!r}: setting {target.__qualname__}.{member} failed: "
             f"{type(exc).__name__}: {exc}. {target.__qualname__} was left unchanged."
         ) from exc
-    # Members came and went: what abc computed from them may be stale.
-    gained = bool(plan.additions) or any(original is None for _, original in plan.overrides)
+    # Nothing can fail from here on: the stacks take their new shape, and the
+    # layers outward of the new ones are pointed at them.
+    for member in originals:
+        reg.lingerers.adopt_layer(target, member, spec.name)
+    for member, stack in joined.items():
+        reg.stacks[(target, member)] = stack
+        relink(reg.stacks, reg.lingerers, target, member)
+    table.additions = tuple(plan.additions)
+    # Members came and went: what abc computed from them may be stale.  A
+    # layer that joins inward of others changes nothing the target shows.
+    plain = [original for member, original in plan.overrides if member not in stacked]
+    gained = bool(plan.additions) or any(original is None for original in plain)
+    gained = gained or any(shown[member] is None and _shown(target, member) is not None for member in stacked)
     lost = any(value is None for value in spec.members.values())
-    abstracts = refresh_abc_state(target, gained=gained, lost=lost)
+    abstracts = refresh_abc_state(target, gained=gained, lost=lost, before=reg.abc_before)
+    stack_names = {*stacked, *(ORIGINAL_PREFIX + member for member in stacked)}
     return Applied(
         patch=patch_cls,
         target=target,
-        changes=list(tx.changes),
+        # The stacks' own changes are the stacks' to undo, not this patch's.
+        changes=[change for change in tx.changes if change.name not in stack_names],
         overrides=tuple(name for name, _ in plan.overrides),
         additions=tuple(plan.additions),
         abstracts=abstracts,
         gained=gained,
         lost=lost,
         codes=codes_of(spec.members.values()),
+        stacked=stacked,
     )
+
+
+def _set(tx: Transaction, member: str, value: object, own: bool) -> None:
+    """Set one name of the patch; an original lingering from a rollback is taken over, not recorded as old."""
+    lingering = not own and REGISTRY.lingerers.lingering(tx.target, member) is not None
+    tx.set(member, value, set_name=own, absent_before=lingering)
+    if lingering:
+        REGISTRY.lingerers.adopt(tx.target, member)
+
+
+def _join(
+    tx: Transaction, spec: PatchSpec, table: Originals, target: type, member: str, holder: type, base: object
+) -> Stack:
+    """Make the patch a layer of the stack on ``target.member`` (a new stack of one if there is none).
+
+    Only the target is changed here (recorded in ``tx``) and the patch's own
+    ``original()`` entry; the stack itself is committed by the caller, once
+    every member has joined.
+    """
+    layer = Layer(spec.name, spec.order, table, rebind(spec.members[member], target))
+    current = REGISTRY.stacks.get((target, member))
+    if current is None:
+        stack = Stack(target, member, base, holder, vars(target).get(member, MISSING), (layer,))
+    else:
+        stack = current.joined(layer)
+    table[member] = class_get(stack.inner_of(layer.key), target)
+    if current is None:
+        _set(tx, ORIGINAL_PREFIX + member, base, False)
+        stack = replace(stack, original_held=vars(target).get(ORIGINAL_PREFIX + member, MISSING))
+    if stack.layers[0] is layer:
+        tx.set(member, layer.member)
+        return replace(stack, top_held=vars(target).get(member, MISSING))
+    # Inward of the outermost: on no class, but its descriptor learns where it
+    # serves, as it would on the target (a raising __set_name__ refuses the apply).
+    hook = getattr(type(layer.member), "__set_name__", None)
+    if hook is not None:
+        hook(layer.member, target, member)
+    return stack
 
 
 def _describe(overrides: tuple[str, ...], additions: tuple[str, ...]) -> str:

@@ -6,10 +6,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from . import ledger as _ledger
 from .errors import PatchDefinitionError, PatchTargetError
-from .graft import ORIGINAL_PREFIX
 from .registry import REGISTRY
-from .spec import PatchSpec, build_spec
-from .targets import TargetSpec, check_target_spec, resolve_target
+from .spec import Composition, Originals, PatchSpec, build_spec, composition, unknown_keywords
+from .targets import TargetSpec, check_target_spec
+from .typed import TypedAs
 
 if TYPE_CHECKING:
     from packaging.specifiers import SpecifierSet
@@ -32,7 +32,17 @@ class _PatchMeta(type):
         return super().__new__(mcls, name, bases, namespace, **kwargs)
 
 
-class VLLMPatch(Generic[_T], metaclass=_PatchMeta):
+if TYPE_CHECKING:
+    # Type checkers see type as the metaclass: a patch typed as its target
+    # (``TypedAs[Target]``) then passes their metaclass check whatever the
+    # target's metaclass (vLLM's schedulers are ABCs).  _PatchMeta adds
+    # nothing a type checker could use.
+    _Meta = type
+else:
+    _Meta = _PatchMeta
+
+
+class VLLMPatch(Generic[_T], metaclass=_Meta):
     """Base class of patches: ``class MyPatch(VLLMPatch[Target])``.
 
     Every member defined in the class body is grafted onto ``Target`` in place
@@ -41,6 +51,13 @@ class VLLMPatch(Generic[_T], metaclass=_PatchMeta):
     written in ``Target``, and each member that replaces one of ``Target``'s
     is reachable as ``self._original_<name>`` (or, whatever ``self`` is, as
     ``MyPatch.original("<name>")``).
+
+    Class keywords say how the patch composes with others:
+    ``stackable=True`` lets several patches replace one member, each a layer
+    of a stack that calls the next with ``MyPatch.original("<name>")``;
+    ``order=N`` (default 0) places it (higher is outer; ties go by name);
+    ``exclusive={"token", ...}`` refuses any other applied patch that declares
+    one of the tokens, whatever it replaces.
 
     ``Target`` is a class, or a string ``"package.module:Qual.Name"`` that is
     imported only when the patch is applied.  The optional class attribute
@@ -56,6 +73,7 @@ class VLLMPatch(Generic[_T], metaclass=_PatchMeta):
     _vcp_checks_live: ClassVar[bool] = False
     _vcp_gate: ClassVar[SpecifierSet | None] = None
     _vcp_target: ClassVar[TargetSpec]
+    _vcp_originals: ClassVar[Originals]
 
     def __class_getitem__(cls, target: Any) -> Any:
         if cls is not VLLMPatch:
@@ -72,8 +90,18 @@ class VLLMPatch(Generic[_T], metaclass=_PatchMeta):
         return binding
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
+        keywords: dict[str, Any] = {
+            key: kwargs.pop(key) for key in ("stackable", "order", "exclusive") if key in kwargs
+        }
+        try:
+            super().__init_subclass__(**kwargs)
+        except TypeError:
+            if kwargs:  # object.__init_subclass__: no base class took them either
+                raise unknown_keywords(cls, kwargs) from None
+            raise
         if cls.__dict__.get("_vcp_binding"):
+            if keywords:
+                raise PatchDefinitionError(f"{cls.__qualname__}: class keywords belong on a patch class.")
             return
         if not hasattr(cls, "_vcp_target"):
             raise PatchDefinitionError(
@@ -81,9 +109,17 @@ class VLLMPatch(Generic[_T], metaclass=_PatchMeta):
                 f"'class {cls.__name__}(VLLMPatch[TargetClass])' or "
                 f"'VLLMPatch[\"package.module:TargetClass\"]'."
             )
-        cls._vcp_spec = build_spec(cls, _NEVER_GRAFTED)
+        # A patch class made from another inherits how it composes, unless it says otherwise.
+        inherited = next(
+            (vars(base)["_vcp_spec"].composition for base in cls.__mro__[1:] if "_vcp_spec" in vars(base)),
+            Composition(),
+        )
+        cls._vcp_spec = build_spec(cls, _NEVER_GRAFTED, composition(cls, keywords, inherited))
         cls.name = cls._vcp_spec.name
         cls._vcp_checks_live = cls.check_live.__func__ is not VLLMPatch.check_live.__func__  # type: ignore[attr-defined]
+        # original() is the table's own (C) lookup: no registry, no lock, no Python frame per call.
+        cls._vcp_originals = Originals(cls._vcp_spec.name, tuple(cls._vcp_spec.members))
+        type.__setattr__(cls, "original", cls._vcp_originals.__getitem__)
         REGISTRY.register(cls)
 
     @classmethod
@@ -133,35 +169,24 @@ class VLLMPatch(Generic[_T], metaclass=_PatchMeta):
 
     @classmethod
     def original(cls, member: str) -> Any:
-        """The original of ``member`` as the target holds it, whatever ``self`` is.
+        """The next layer inward of ``member``: vLLM's original, or in a stack the next stackable patch's member.
 
-        ``MyPatch.original("schedule")(self, *args)`` calls the target's
-        original ``schedule`` even when ``self`` is not an instance of the
-        target (vLLM's own unit tests call ``Scheduler`` methods unbound with
-        stand-in objects), where ``self._original_schedule`` would fail.  It
-        is what ``getattr(Target, "_original_schedule")`` gives: a plain
-        function for a method, a class method bound to the target, a
-        property object for a property.  Works while the patch is applied
-        (and during a rollback, for calls already inside the patch).
+        ``MyPatch.original("schedule")(self, *args)`` calls it even when
+        ``self`` is not an instance of the target (vLLM's own unit tests call
+        ``Scheduler`` methods unbound with stand-in objects), where
+        ``self._original_schedule`` would fail.  It gives what ``getattr`` on
+        the target gives: a plain function for a method, a class method bound
+        to the target, a property object for a property.  Resolved at each
+        call: in a stack it is the layer applied inward of this one *now*.
+        Works while the patch is applied (and during a rollback, for calls
+        already inside the patch).
+
+        On every patch class this name is replaced by the lookup in the
+        patch's own table (a dict kept current by the framework), so a call
+        costs one C-level dict lookup; this method documents it.
         """
-        record = REGISTRY.applied.get(cls._vcp_spec.name)
-        target = (
-            record.target
-            if record is not None
-            else resolve_target(cls._vcp_target, cls._vcp_spec.name, import_module=False)
-        )
-        try:
-            return getattr(target, ORIGINAL_PREFIX + member)
-        except AttributeError:
-            if member not in cls._vcp_spec.members:
-                raise PatchTargetError(
-                    f"patch {cls._vcp_spec.name!r} does not replace {member!r}; it keeps originals "
-                    f"only of the members it defines ({', '.join(cls._vcp_spec.members) or 'none'})."
-                ) from None
-            raise PatchTargetError(
-                f"patch {cls._vcp_spec.name!r} is not applied, so the original of {member!r} is not kept."
-            ) from None
+        raise PatchTargetError(f"{cls.__qualname__} is not a patch class; original() is asked of one.")
 
 
 # Bases whose members are never grafted: the framework's own and Python's.
-_NEVER_GRAFTED: frozenset[type] = frozenset({object, Generic, VLLMPatch})
+_NEVER_GRAFTED: frozenset[type] = frozenset({object, Generic, VLLMPatch, TypedAs})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import weakref
 from dataclasses import dataclass
 from types import CodeType
 from typing import Any
@@ -19,6 +20,7 @@ from .graft import Change
 from .inflight import Lingerers
 from .log import logger
 from .spec import PatchLike, PatchSpec
+from .stacks import Stack
 from .status import PatchState
 
 __all__ = ["REGISTRY", "Applied", "Registry", "unknown_name_message"]
@@ -41,6 +43,8 @@ class Applied:
     """The apply made a member unavailable: a member set to ``None``."""
     codes: frozenset[CodeType]
     """The code of the grafted members: a thread running it may still need an ``_original_x``."""
+    stacked: tuple[str, ...] = ()
+    """Overrides that are layers of stacks (``Registry.stacks``), not in ``changes``."""
 
 
 class Registry:
@@ -53,7 +57,12 @@ class Registry:
         self.lock = ForkSafeRLock()
         self.patches: dict[str, type[PatchLike]] = {}
         self.applied: dict[str, Applied] = {}  # in order of application
-        self.owners: dict[type, dict[str, str]] = {}  # target -> member -> patch name
+        self.owners: dict[type, dict[str, str]] = {}  # target -> member -> patch name; stacks apart
+        self.stacks: dict[tuple[type, str], Stack] = {}  # (target, member) -> its applied stackable layers
+        # Each class's __abstractmethods__ as it was before a patch changed it, so that the
+        # very same object goes back when the set is the same again, whatever the order of
+        # rollbacks (abcs.refresh_abc_state).
+        self.abc_before: weakref.WeakKeyDictionary[type, object] = weakref.WeakKeyDictionary()
         self.outcomes: dict[str, tuple[PatchState, str]] = {}
         self.lingerers = Lingerers(self.lock)
 

@@ -11,14 +11,25 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
-from .errors import PatchDefinitionError
+from .errors import PatchDefinitionError, PatchTargetError
 from .graft import MISSING, ORIGINAL_PREFIX, attribute_names, functions_of
 from .targets import TargetSpec, target_label
 
 if TYPE_CHECKING:
     from packaging.specifiers import SpecifierSet
 
-__all__ = ["HOOKS", "PATCH_NAME", "RESERVED", "PatchLike", "PatchSpec", "build_spec"]
+__all__ = [
+    "HOOKS",
+    "PATCH_NAME",
+    "RESERVED",
+    "Composition",
+    "Originals",
+    "PatchLike",
+    "PatchSpec",
+    "build_spec",
+    "composition",
+    "unknown_keywords",
+]
 
 # Entries Python itself puts in a class namespace; never grafted.
 _CLASS_MACHINERY = frozenset(
@@ -43,6 +54,67 @@ RESERVED = frozenset({"name", "apply", "rollback", "is_applied", "original"})
 # Class methods a patch may define for the framework to call; never grafted.
 HOOKS = frozenset({"check_live"})
 PATCH_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
+# What an exclusive token may be: printable, no spaces, so that it reads well in a message.
+_TOKEN = re.compile(r"[^\s]+")
+_KEYWORDS = ("stackable", "order", "exclusive")
+
+
+@dataclass(frozen=True)
+class Composition:
+    """How a patch composes with others: the class keywords ``stackable``, ``order``, ``exclusive``."""
+
+    stackable: bool = False
+    """Its overrides join a stack with other stackable patches' overrides of the same members."""
+    order: int = 0
+    """Its place in a stack: higher is outer (called first); ties go by name, the first name outer."""
+    exclusive: frozenset[str] = frozenset()
+    """Tokens no other applied patch may declare too, whatever members it replaces."""
+
+
+def composition(cls: type, keywords: dict[str, Any], inherited: Composition) -> Composition:
+    """The composition ``class cls(VLLMPatch[...], **keywords)`` declares; what it does not say is ``inherited``.
+
+    Raises :class:`PatchDefinitionError` naming the keyword, what it got and what to write.
+    """
+    where = cls.__qualname__
+    stackable = keywords.get("stackable", inherited.stackable)
+    if not isinstance(stackable, bool):
+        raise PatchDefinitionError(
+            f"{where}: stackable={stackable!r} must be True or False; "
+            f"write 'class {cls.__name__}(VLLMPatch[...], stackable=True)'."
+        )
+    order = keywords.get("order", inherited.order)
+    if isinstance(order, bool) or not isinstance(order, int):
+        raise PatchDefinitionError(
+            f"{where}: order={order!r} must be an int (higher is outer in a stack, default 0); write order=10."
+        )
+    if "order" in keywords and not stackable:
+        raise PatchDefinitionError(
+            f"{where}: order={order!r} places a patch in a stack, but {cls.__name__} is not stackable; "
+            f"add stackable=True, or drop order."
+        )
+    tokens = keywords.get("exclusive", inherited.exclusive)
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (set, frozenset, list, tuple)):
+        raise PatchDefinitionError(
+            f"{where}: exclusive={tokens!r} must be a set of strings; write exclusive={{{str(tokens)!r}}}."
+            if isinstance(tokens, str)
+            else f"{where}: exclusive={tokens!r} must be a set of strings, such as exclusive={{'queue-sort'}}."
+        )
+    for token in tokens:
+        if not isinstance(token, str) or not _TOKEN.fullmatch(token):
+            raise PatchDefinitionError(
+                f"{where}: exclusive token {token!r} must be a non-empty string without spaces, such as 'queue-sort'."
+            )
+    return Composition(stackable=stackable, order=order, exclusive=frozenset(tokens))
+
+
+def unknown_keywords(cls: type, keywords: dict[str, Any]) -> PatchDefinitionError:
+    """The error for class keywords that neither VLLMPatch nor a base class takes."""
+    listed = ", ".join(repr(key) for key in keywords)
+    return PatchDefinitionError(
+        f"{cls.__qualname__}: unknown class keyword(s) {listed}; a patch class takes "
+        f"{', '.join(key + '=' for key in _KEYWORDS)} (class P(VLLMPatch[Target], stackable=True, order=10))."
+    )
 
 
 @dataclass(frozen=True)
@@ -55,10 +127,58 @@ class PatchSpec:
     original_refs: frozenset[str]
     """Names ``x`` whose ``_original_x`` the members' code refers to."""
     description: str
+    composition: Composition = Composition()
+
+    @property
+    def stackable(self) -> bool:
+        return self.composition.stackable
+
+    @property
+    def order(self) -> int:
+        return self.composition.order
+
+    @property
+    def exclusive(self) -> frozenset[str]:
+        return self.composition.exclusive
 
     @property
     def target_label(self) -> str:
         return target_label(self.target)
+
+
+class Originals(dict[str, object]):
+    """A patch class's ``original()`` table: member -> what the member's next layer inward gives.
+
+    Made with the class; ``P.original`` is its ``__getitem__`` (see ``stacks``).
+
+    Filled by the ledger when the patch is applied (for a patch that is not
+    stackable, the next layer is vLLM's original), emptied when it is rolled
+    back and no call is inside it any more.
+    """
+
+    __slots__ = ("additions", "members", "patch")
+
+    def __init__(self, patch: str, members: tuple[str, ...]) -> None:
+        super().__init__()
+        self.patch = patch
+        self.members = members
+        self.additions: tuple[str, ...] | None = None
+        """The members the applied patch added to its target; ``None`` while it is not applied."""
+
+    def __missing__(self, member: object) -> object:
+        if member not in self.members:
+            raise PatchTargetError(
+                f"patch {self.patch!r} does not replace {member!r}; original() gives the next layer "
+                f"only of the members it defines ({', '.join(self.members) or 'none'})."
+            )
+        if self.additions is not None and member in self.additions:
+            raise PatchTargetError(
+                f"patch {self.patch!r} adds {member!r}, which its target did not have; there is no original of it."
+            )
+        raise PatchTargetError(f"patch {self.patch!r} is not applied, so the original of {member!r} is not kept.")
+
+    def __repr__(self) -> str:
+        return f"<original() of patch {self.patch!r}: {dict.__repr__(self)}>"
 
 
 class PatchLike(Protocol):
@@ -73,6 +193,7 @@ class PatchLike(Protocol):
     _vcp_spec: ClassVar[PatchSpec]
     _vcp_checks_live: ClassVar[bool]
     _vcp_gate: ClassVar[SpecifierSet | None]
+    _vcp_originals: ClassVar[Originals]
 
     @classmethod
     def check_live(cls, instance: Any) -> None: ...
@@ -106,7 +227,7 @@ def _written_members(klass: type, name: str) -> dict[str, object]:
     }
 
 
-def build_spec(cls: type, never_grafted: frozenset[type]) -> PatchSpec:
+def build_spec(cls: type, never_grafted: frozenset[type], composed: Composition = Composition()) -> PatchSpec:
     """The spec of patch class ``cls``; members of ``never_grafted`` bases (and bindings) are left out."""
     name = vars(cls).get("name", cls.__name__)
     if not isinstance(name, str) or not PATCH_NAME.fullmatch(name):
@@ -149,6 +270,14 @@ def build_spec(cls: type, never_grafted: frozenset[type]) -> PatchSpec:
                 original = used[len(ORIGINAL_PREFIX) :]
                 if not used.startswith(ORIGINAL_PREFIX) or not original:
                     continue
+                if composed.stackable:
+                    # In a stack the target's one _original_x is vLLM's: a layer
+                    # reaching it would skip every layer inward of it.
+                    raise PatchDefinitionError(
+                        f"patch {name!r} is stackable, but {key!r} uses self.{used}, which would "
+                        f"skip the layers inward of it; call the next layer with "
+                        f"{cls.__name__}.original({original!r})(self, ...) instead."
+                    )
                 if original not in members:
                     raise PatchDefinitionError(
                         f"patch {name!r}: {key!r} uses self.{used} but the patch does "
@@ -162,4 +291,5 @@ def build_spec(cls: type, never_grafted: frozenset[type]) -> PatchSpec:
         members=members,
         original_refs=frozenset(refs),
         description=inspect.cleandoc(cls.__doc__) if cls.__doc__ else "",
+        composition=composed,
     )

@@ -1,0 +1,129 @@
+"""Stacks: several stackable patches on one member, in an order that depends only on which are applied.
+
+How a stack is stored.  The target's own ``__dict__`` holds what a single
+patch would put there: the outermost layer's member under the member's name,
+and vLLM's original (the stack's *base*) under ``_original_<name>``, so a
+stack of one looks exactly like one patch.  The layers inward of the
+outermost are on no class.  Each patch class has one ``spec.Originals``
+table, and ``P.original`` *is* that table's ``__getitem__``: the table maps
+each member the patch replaces to what the next layer inward gives (vLLM's
+original for the innermost), as ``getattr`` on the target would give it (a
+plain function, a class method bound to the target, a property object).  So
+``P.original("m")`` is one C-level dict lookup, no registry, no lock; it
+reads the chain as it is when the call is made, because the ledger rewrites
+the entries (under the registry's lock) whenever a layer joins or leaves,
+innermost first, so that a call racing with the change always finds a
+complete chain, old or new.
+
+The order depends only on the set of applied layers (:attr:`Layer.key`):
+higher ``order`` outer, equal order the name that sorts first outer.  Rolling
+a layer back removes it from the sorted tuple, puts the new outermost member
+on the target if the outermost went, and relinks the tables: what remains is
+what applying the remaining set from scratch gives.  When the last layer goes,
+the member and ``_original_<name>`` are put back exactly as a single patch's
+rollback would.  A layer rolled back while a thread runs its code keeps its
+table entry (``inflight.LingeringLayer``) and its place, reaching the next
+layer still applied inward of it, until those calls return.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .inflight import Lingerers
+from .spec import Originals
+
+__all__ = ["Layer", "Stack", "class_get", "relink"]
+
+
+def class_get(raw: object, owner: type) -> object:
+    """What ``getattr(owner, name)`` gives for ``raw`` found in ``owner``'s MRO: a descriptor's class-level value."""
+    get = getattr(type(raw), "__get__", None)
+    return raw if get is None else get(raw, None, owner)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One applied stackable patch in one stack."""
+
+    patch: str
+    order: int
+    table: Originals
+    member: object
+    """The patch's member, rebound to the target (``super()``), as the target holds it when outermost."""
+
+    @property
+    def key(self) -> tuple[int, str]:
+        """Sorts the outermost first: higher order, then the name that sorts first."""
+        return (-self.order, self.patch)
+
+    @property
+    def label(self) -> str:
+        return self.patch if self.order == 0 else f"{self.patch} (order {self.order})"
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The applied layers of one member of one class, outermost first, and what the class held before."""
+
+    target: type
+    name: str
+    base: object
+    """vLLM's original, raw (the innermost layer's next); the target holds it as ``_original_<name>``."""
+    holder: type
+    """The class whose own ``__dict__`` holds ``base`` (the target, or a base class it inherits it from)."""
+    old: object
+    """What the target's own ``__dict__`` held under ``name`` before the stack (``MISSING``: nothing)."""
+    layers: tuple[Layer, ...]
+    top_held: object = None
+    """What the target's ``__dict__`` holds under ``name`` now (a metaclass may store something else)."""
+    original_held: object = None
+    """What it holds under ``_original_<name>``."""
+
+    def joined(self, layer: Layer) -> Stack:
+        return replace(self, layers=tuple(sorted((*self.layers, layer), key=lambda each: each.key)))
+
+    def without(self, patch: str) -> Stack:
+        return replace(self, layers=tuple(layer for layer in self.layers if layer.patch != patch))
+
+    def layer(self, patch: str) -> Layer:
+        return next(layer for layer in self.layers if layer.patch == patch)
+
+    def inner_of(self, key: tuple[int, str]) -> object:
+        """The raw member the layer at ``key`` calls next: the first applied layer inward of it, or the base."""
+        return next((layer.member for layer in self.layers if layer.key > key), self.base)
+
+    @property
+    def member_label(self) -> str:
+        return f"{self.target.__qualname__}.{self.name}"
+
+    def chain(self) -> list[str]:
+        """The layers outermost first, then the base: ``['admission_log (order 10)', 'spf', 'vLLM']``."""
+        module = getattr(self.holder, "__module__", "") or ""
+        base = "vLLM" if module == "vllm" or module.startswith("vllm.") else "original"
+        return [*(layer.label for layer in self.layers), base]
+
+    def describe(self) -> str:
+        """``Scheduler.schedule: admission_log (order 10) → shortest_prompt_first → vLLM``."""
+        return f"{self.member_label}: " + " \u2192 ".join(self.chain())
+
+
+def relink(stacks: dict[tuple[type, str], Stack], lingerers: Lingerers, target: type, name: str) -> None:
+    """Point every layer of ``target.name`` (applied or lingering) at its next layer inward, innermost first.
+
+    Innermost first: a layer that just joined gets its entry before the one
+    outward of it is pointed at it, so a concurrent call always finds a whole
+    chain.  Lingering layers (rolled back, still running) keep their place and
+    skip to the next applied layer inward of it; with no stack left they reach
+    the base they had.
+    """
+    stack = stacks.get((target, name))
+    if stack is not None:
+        for layer in reversed(stack.layers):
+            layer.table[name] = class_get(stack.inner_of(layer.key), target)
+    for entry in lingerers.layers_of(target, name):
+        if entry.key is None:
+            continue  # a patch that was not stackable: it keeps the original it had
+        inner: Any = stack.inner_of(entry.key) if stack is not None else entry.base
+        entry.table[name] = class_get(inner, target)
