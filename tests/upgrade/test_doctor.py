@@ -14,7 +14,15 @@ import pytest
 
 from vllm_custom_patches import VLLMPatch
 from vllm_custom_patches._upgrade.doctor import check_environment, check_patches
-from vllm_custom_patches._upgrade.fingerprint import LockedMember, fingerprint, read_lock, write_lock
+from vllm_custom_patches._upgrade.fingerprint import (
+    LockedMember,
+    PatchVersion,
+    fingerprint,
+    lock_entry,
+    lock_path,
+    read_lock,
+    write_lock,
+)
 from vllm_custom_patches._upgrade.vllm_views import StaticView
 from vllm_custom_patches.testing import isolated_registry
 
@@ -133,9 +141,14 @@ def test_against_a_lock_a_moved_member_and_a_changed_locked_original_are_errors(
                 original = v1.member("fakevllm.sched.scheduler:Scheduler", "probe", member)
                 assert original is not None and original.source is not None
                 locked[member] = LockedMember(fingerprint(original.source), original.defined_in, original.source)
-            write_lock(module_file, "probe", "fakevllm.sched.scheduler:Scheduler", "1.0.0", locked)
+            entry = lock_entry(locked, vllm="1.0.0", patch=PatchVersion("0.1", "a test"))
+            write_lock(lock_path(module_file), "probe", "fakevllm.sched.scheduler:Scheduler", "1.0.0", entry)
             assert set(read_lock(module_file, "probe")["1.0.0"]) == {"schedule", "step"}
-            assert _by_check(check_patches([probe], v1, None)).keys() <= {"reach"}  # the lock matches 1.0
+            same = _by_check(check_patches([probe], v1, None))
+            assert same.keys() <= {"reach", "baseline"}  # the lock matches 1.0
+            (baseline,) = same["baseline"]  # named: the lock, for both members
+            assert baseline.severity == "info" and baseline.members == ("schedule", "step")
+            assert baseline.baseline == "vLLM 1.0.0 as locked in probe_patch.lock.json, shipped with the patch"
             found = _by_check(check_patches([probe], v2, None))
         finally:
             del sys.modules["probe_patch"]

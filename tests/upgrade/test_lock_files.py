@@ -23,7 +23,9 @@ from vllm_custom_patches._cli import main as _cli
 from vllm_custom_patches._upgrade.fingerprint import (
     LockedMember,
     LockFileError,
+    PatchVersion,
     fingerprint,
+    lock_entry,
     write_lock,
 )
 
@@ -57,7 +59,7 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
     lock = patches / "probe.lock.json"
     assert _main(["lock", "Probe", "--vllm-source", str(src)]) == 0
     assert (
-        json.loads(lock.read_text())["patches"]["Probe"]["versions"][VERSION]["schedule"]["defined_in"]
+        json.loads(lock.read_text())["patches"]["Probe"]["versions"][VERSION]["members"]["schedule"]["defined_in"]
         == "vllm.sched:Scheduler"
     )
     return src, lock
@@ -82,7 +84,7 @@ def _edit(change: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]]
 
 
 def _member(data: dict[str, Any]) -> dict[str, Any]:
-    member: dict[str, Any] = data["patches"]["Probe"]["versions"][VERSION]["schedule"]
+    member: dict[str, Any] = data["patches"]["Probe"]["versions"][VERSION]["members"]["schedule"]
     return member
 
 
@@ -119,7 +121,7 @@ CORRUPT: dict[str, tuple[Callable[[dict[str, Any]], str | bytes], str]] = {
     ),
     "a source that does not parse": (
         _set("source", "def schedule(self, budget:\n"),
-        "versions['9.9.9']['schedule'].source: it does not parse",
+        "versions['9.9.9'].members['schedule'].source: it does not parse",
     ),
     "a source with a null byte": (_set("source", "def f(self):\x00 pass\n"), "['schedule'].source: it does not parse"),
     "not JSON": (lambda data: "{not json", "is corrupt (JSONDecodeError"),
@@ -127,9 +129,13 @@ CORRUPT: dict[str, tuple[Callable[[dict[str, Any]], str | bytes], str]] = {
     "nested too deep": (lambda data: "[" * 200_000, "is corrupt (RecursionError"),
     "a number too long to read": (lambda data: '{"format": ' + "1" * 5000 + "}", "is corrupt (ValueError"),
     "an array": (lambda data: "[]", "is corrupt: expected a JSON object, found an array"),
-    "no format": (_edit(lambda data: data.pop("format") and None), 'is not in format 1 ("format": null)'),
-    "format true": (_set(("format",), True), 'is not in format 1 ("format": true)'),
-    "format 1.0": (_set(("format",), 1.0), 'is not in format 1 ("format": 1.0)'),
+    "no format": (
+        _edit(lambda data: data.pop("format") and None),
+        'is not a lock file of format 1 or 2 ("format": null)',
+    ),
+    "format true": (_set(("format",), True), 'is not a lock file of format 1 or 2 ("format": true)'),
+    "format 1.0": (_set(("format",), 1.0), 'is not a lock file of format 1 or 2 ("format": 1.0)'),
+    "format 0": (_set(("format",), 0), 'is not a lock file of format 1 or 2 ("format": 0)'),
     "no patches": (
         _edit(lambda data: data.pop("patches") and None),
         "at patches: expected an object, found nothing (the key is missing)",
@@ -155,16 +161,48 @@ CORRUPT: dict[str, tuple[Callable[[dict[str, Any]], str | bytes], str]] = {
         _set(("patches", "Probe", "versions"), []),
         "patches['Probe'].versions: expected an object, found an array",
     ),
-    "members null": (
+    "a version entry null": (
         _set(("patches", "Probe", "versions", VERSION), None),
         "versions['9.9.9']: expected an object, found null",
     ),
+    "members null": (
+        _set(("patches", "Probe", "versions", VERSION, "members"), None),
+        "versions['9.9.9'].members: expected an object, found null",
+    ),
+    "a version entry without members": (
+        _edit(lambda data: data["patches"]["Probe"]["versions"][VERSION].pop("members") and None),
+        "versions['9.9.9']: expected the keys members, patch_version, patch_version_from, vllm, found [",
+    ),
+    "a version entry with an unknown key": (
+        _set(("patches", "Probe", "versions", VERSION, "extra"), 1),
+        "versions['9.9.9']: expected the keys members, patch_version, patch_version_from, vllm, found [",
+    ),
+    "the vLLM version a number": (
+        _set(("patches", "Probe", "versions", VERSION, "vllm"), 9.9),
+        "versions['9.9.9'].vllm: expected a string, found a number",
+    ),
+    "the vLLM version of another release": (
+        _set(("patches", "Probe", "versions", VERSION, "vllm"), "9.9.8"),
+        "versions['9.9.9'].vllm: '9.9.8' is not a version of the release 9.9.9",
+    ),
+    "the vLLM version not PEP 440": (
+        _set(("patches", "Probe", "versions", VERSION, "vllm"), "dev"),
+        "versions['9.9.9'].vllm: 'dev' is not a version of the release 9.9.9",
+    ),
+    "the patch version a number": (
+        _set(("patches", "Probe", "versions", VERSION, "patch_version"), 1),
+        "versions['9.9.9'].patch_version: expected a string, found a number",
+    ),
+    "where the patch version came from null": (
+        _set(("patches", "Probe", "versions", VERSION, "patch_version_from"), None),
+        "versions['9.9.9'].patch_version_from: expected a string, found null",
+    ),
     "a member name that is not one": (
-        _edit(lambda data: data["patches"]["Probe"]["versions"][VERSION].update({"no name": _member(data)})),
-        "versions['9.9.9']['no name']: 'no name' is not a member name",
+        _edit(lambda data: data["patches"]["Probe"]["versions"][VERSION]["members"].update({"no name": _member(data)})),
+        "versions['9.9.9'].members['no name']: 'no name' is not a member name",
     ),
     "a member a string": (
-        _set(("patches", "Probe", "versions", VERSION, "schedule"), "x"),
+        _set(("patches", "Probe", "versions", VERSION, "members", "schedule"), "x"),
         "['schedule']: expected an object, found a string",
     ),
     "a member without its source": (
@@ -231,13 +269,34 @@ def test_an_unreadable_lock_file_is_refused_with_exit_2(
 
 
 def test_lock_refuses_a_version_that_is_not_pep_440_and_writes_nothing(tmp_path: Path) -> None:
-    module = tmp_path / "probe.py"
+    lock = tmp_path / "probe.lock.json"
     member = LockedMember(fingerprint("def f(self): pass"), "vllm.sched:Scheduler", "def f(self): pass")
+    entry = lock_entry({"f": member}, vllm="1.0", patch=PatchVersion(None, "unknown"))
     with pytest.raises(LockFileError, match="cannot lock against vLLM 'latest': not a PEP 440 version"):
-        write_lock(module, "Probe", "vllm.sched:Scheduler", "latest", {"f": member})
-    assert not (tmp_path / "probe.lock.json").exists()
-    path = write_lock(module, "Probe", "vllm.sched:Scheduler", "1.0", {"f": member})
-    assert json.loads(path.read_text())["patches"]["Probe"]["versions"]["1.0"]["f"]["source"] == "def f(self): pass"
+        write_lock(lock, "Probe", "vllm.sched:Scheduler", "latest", entry)
+    assert not lock.exists()
+    path = write_lock(lock, "Probe", "vllm.sched:Scheduler", "1.0", entry)
+    assert json.loads(path.read_text())["patches"]["Probe"]["versions"]["1.0"]["members"]["f"]["source"] == (
+        "def f(self): pass"
+    )
+
+
+def test_a_lock_file_of_a_newer_format_is_refused_saying_to_upgrade(
+    setup: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    src, lock = setup
+    data = json.loads(lock.read_text())
+    data["format"] = 3
+    lock.write_text(json.dumps(data))
+    for command in (["doctor", "Probe"], ["show", "Probe"], ["lock", "Probe"]):
+        assert _main([*command, "--vllm-source", str(src)]) == 2
+        err = capsys.readouterr().err
+        assert (
+            err.count("\n") == 1
+            and f"lock file {lock} is in format 3, newer than this vllm-custom-patches reads" in err
+        )
+        assert "upgrade vllm-custom-patches" in err, err
+    assert json.loads(lock.read_text())["format"] == 3  # not overwritten
 
 
 def test_a_static_vllm_whose_version_is_not_pep_440_is_refused_with_exit_2(

@@ -22,7 +22,7 @@ import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, TextIO
+from typing import Any, NoReturn, TextIO
 
 from .._core.errors import PatchError
 from .._core.manager import PatchManager
@@ -47,8 +47,15 @@ class _Row:
     description: str = ""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument said in one line (its usage is one ``--help`` away); subcommands inherit it."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}; see '{self.prog} --help'\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vllm-custom-patches", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="vllm-custom-patches", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="list every patch this environment can see")
     listing.add_argument("--no-import", action="store_true", help="do not import patch modules (names only)")

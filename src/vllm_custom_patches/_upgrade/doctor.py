@@ -10,8 +10,10 @@ against one that is not installed (see ``_vllm_views``):
   attribute: ``_kinds``), the override accepting every call the original
   accepts, its ``_original_`` references, conflicts between the selected
   patches;
-* against a baseline (the patch's lock for the members its author locked,
-  the installed vLLM for the others): a
+* against a named baseline, per member: the patch's lock for the members
+  locked (the lock directory's, else the one shipped with the patch), else
+  the vLLM given as ``--baseline``, else the installed vLLM; with none of
+  them, a warning per patch says that drift was not checked.  Against it: a
   member that *moved* (defined in the target on one side, inherited on the
   other), an original whose code changed (with a diff; an error for members
   the author locked, a warning otherwise), parameters an original gained;
@@ -22,13 +24,15 @@ Errors: missing target or member, a changed kind not marked
 ``@changes_kind``, incompatible signature, unresolvable
 ``_original_`` reference, conflict, a move, a locked member's changed code,
 a subclass that overrides a patched member without reaching it, a gate that
-excludes the version of a patch selected by name.
+excludes the version of a patch selected by name (one taken in by ``*`` or by
+default is only reported as excluded, a warning: the plugin skips it there).
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,10 +42,19 @@ from .._core.graft import is_override_marked
 from .._core.kinds import describe_change, describe_kind, kind_change, member_kind
 from .._core.patch import VLLMPatch
 from .._core.targets import target_label
-from .fingerprint import fingerprint, read_lock
+from .fingerprint import LockedVersion, fingerprint, pick_version, read_locks
 from .vllm_views import InstalledView, Original, TargetNotFound, View, function_signature
 
-__all__ = ["DoctorReport", "Finding", "check_environment", "check_patches", "verdict_of"]
+__all__ = [
+    "DoctorReport",
+    "Finding",
+    "baseline_of",
+    "cell_of",
+    "check_environment",
+    "check_patches",
+    "summary_of",
+    "verdict_of",
+]
 
 _SCHEDULER = "vllm.v1.core.sched.scheduler:Scheduler"
 
@@ -51,12 +64,17 @@ class Finding:
     severity: str
     """``error``, ``warning`` or ``info``."""
     check: str
-    """plugin, setting, version, gate, target, member, kind, signature, conflict, moved, drift, reach, apply."""
+    """plugin, setting, version, gate, target, member, kind, signature, conflict, moved, drift, reach, apply,
+    baseline."""
     message: str
     patch: str = ""
     member: str = ""
     detail: str = ""
     """A unified diff, for drift."""
+    members: tuple[str, ...] = ()
+    """The members a finding about several is about (baseline)."""
+    baseline: str = ""
+    """What the members were compared with (baseline); empty: nothing."""
 
 
 @dataclass
@@ -64,6 +82,10 @@ class DoctorReport:
     vllm: str
     patches: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    version: str = ""
+    """The checked vLLM's release (``vllm`` is its label)."""
+    gates: dict[str, str] = field(default_factory=dict)
+    """Patch -> its gate, for the patches that have one."""
 
     @property
     def errors(self) -> list[Finding]:
@@ -72,29 +94,70 @@ class DoctorReport:
     def as_dict(self) -> dict[str, Any]:
         return {
             "vllm": self.vllm,
+            "version": self.version,
             "ok": not self.errors,
-            "patches": {name: verdict_of(self, name) for name in self.patches},
+            "patches": {name: summary_of(self, name) for name in self.patches},
             "findings": [asdict(f) for f in self.findings],
         }
 
 
 def verdict_of(report: DoctorReport, patch: str) -> str:
-    """``ok``, ``warning: ...`` or ``error: ...`` (the first such finding) for one patch."""
+    """``ok``, ``excluded``, ``warning: ...`` or ``error: ...`` (the first such finding) for one patch."""
     for severity in ("error", "warning"):
         for finding in report.findings:
             if finding.patch == patch and finding.severity == severity:
+                if severity == "warning" and _excluded(report, patch):
+                    return "excluded"
                 return f"{severity}: {finding.message}"
     return "ok"
+
+
+def _excluded(report: DoctorReport, patch: str) -> bool:
+    return any(f.patch == patch and f.check == "gate" for f in report.findings)
+
+
+def summary_of(report: DoctorReport, patch: str) -> dict[str, Any]:
+    """One patch's verdict with every error and warning, its gate and the baseline of each member."""
+    mine = [f for f in report.findings if f.patch == patch]
+    errors = [f.message for f in mine if f.severity == "error"]
+    warnings = [f.message for f in mine if f.severity == "warning"]
+    excluded = _excluded(report, patch)
+    verdict = "error" if errors else "excluded" if excluded else "warning" if warnings else "ok"
+    baseline: dict[str, str | None] = {}
+    for finding in mine:
+        if finding.check == "baseline":
+            baseline.update(dict.fromkeys(finding.members, finding.baseline or None))
+    return {"verdict": verdict, "gate": report.gates.get(patch), "excluded_by_gate": excluded,
+            "errors": errors, "warnings": warnings, "baseline": baseline}  # fmt: skip
+
+
+def cell_of(report: DoctorReport, patch: str) -> str:
+    """One patch in a matrix column: its gate exclusion, then every error, else every warning, else ``ok``."""
+    mine = [f for f in report.findings if f.patch == patch]
+    parts = [f"excluded by gate {report.gates.get(patch, '')}".rstrip()] if _excluded(report, patch) else []
+    errors = [f"error: {f.message}" for f in mine if f.severity == "error" and f.check != "gate"]
+    warnings = [f"warning: {f.message}" for f in mine if f.severity == "warning" and f.check != "gate"]
+    return "; ".join(parts + (errors or warnings)) or "ok"
+
+
+def baseline_of(report: DoctorReport, patch: str) -> str:
+    """What each member's drift was measured against, in a line: ``m1, m2: <baseline>; m3: none``."""
+    parts = [
+        f"{', '.join(f.members)}: {f.baseline or 'none, drift not checked'}"
+        for f in report.findings
+        if f.patch == patch and f.check == "baseline"
+    ]
+    return "; ".join(parts)
 
 
 # -- the setup -------------------------------------------------------------------------
 
 
-def check_environment(environ: Mapping[str, str]) -> list[Finding]:
-    """The plugin is installed and vLLM will load it; the vLLM version is known."""
-    import importlib_metadata
+def check_environment(environ: Mapping[str, str], view: View | None = None) -> list[Finding]:
+    """The plugin is installed and vLLM will load it; where ``view`` is the installed vLLM, its version is known.
 
-    from .._core.versions import detect_vllm_version
+    (A vLLM read statically has the version its wheel or tree declares: nothing to check here.)"""
+    import importlib_metadata
 
     findings = []
     names = {ep.name for ep in importlib_metadata.entry_points(group="vllm.general_plugins")}
@@ -114,11 +177,17 @@ def check_environment(environ: Mapping[str, str]) -> list[Finding]:
             )
             findings.append(Finding("error", "plugin", f"VLLM_PLUGINS={plugins!r} does not list custom_patches, so vLLM "
                                     f"never runs the plugin: {hint}"))  # fmt: skip
-    detected = detect_vllm_version()
-    if detected.release is None:
-        findings.append(Finding("error", "version", f"the vLLM version {detected.raw!r} ({detected.source}) is not a "
-                                "PEP 440 version; set VLLM_CUSTOM_PATCHES_VLLM_VERSION"))  # fmt: skip
+    if isinstance(view, InstalledView) and _release(view.version) is None:
+        findings.append(Finding("error", "version", f"the installed vLLM's version {view.raw!r} ({view.source}) is "
+                                "not a PEP 440 version, so no gate can be checked: set "
+                                "VLLM_CUSTOM_PATCHES_VLLM_VERSION to the release it is built from, e.g. 0.32.0"))  # fmt: skip
     return findings
+
+
+def _release(version: str) -> Any:
+    from .._core.versions import release_of
+
+    return release_of(version)
 
 
 # -- the patches -------------------------------------------------------------------------
@@ -126,7 +195,7 @@ def check_environment(environ: Mapping[str, str]) -> list[Finding]:
 
 @dataclass(frozen=True)
 class _Reference:
-    """What one member was on the baseline: the lock (locked) or the installed vLLM."""
+    """What one member was on the baseline: the lock (locked) or another vLLM."""
 
     label: str
     defined_in: str
@@ -137,47 +206,72 @@ class _Reference:
 
 
 def check_patches(
-    patches: Sequence[type[VLLMPatch[Any]]], view: View, installed: InstalledView | None, *, together: bool = True
+    patches: Sequence[type[VLLMPatch[Any]]],
+    view: View,
+    baseline: View | None = None,
+    *,
+    together: bool = True,
+    explicit: bool | None = None,
+    lock_dir: str | os.PathLike[str] | None = None,
 ) -> list[Finding]:
-    """Every finding about ``patches`` against ``view``; ``installed`` is the baseline when no lock exists.
+    """Every finding about ``patches`` against ``view``.
 
-    ``together``: they were selected explicitly, to be applied together: a
-    gate that excludes the version and conflicts between them are errors (as
-    the plugin would fail); otherwise each is judged alone and a gate only noted.
+    ``baseline``: what the members no lock records are compared with (the vLLM given as
+    ``--baseline``, else the installed one); ``None``: nothing, and a warning per patch says so.
+    ``together``: they were selected to be applied together: conflicts between them are
+    errors (as the plugin would fail); otherwise each is judged alone.  ``explicit`` (default:
+    ``together``): selected by name, so a gate that excludes the version is an error (start-up
+    fails); otherwise it is a warning and nothing else is checked (the plugin skips the patch).
+    ``lock_dir``: the user's lock directory, read with the lock shipped next to each patch.
     """
+    explicit = together if explicit is None else explicit
     findings: list[Finding] = []
+    checked = []
     for patch_cls in patches:
-        findings += _check_one(patch_cls, view, installed, explicit=together)
+        mine = _check_one(patch_cls, view, baseline, explicit=explicit, lock_dir=lock_dir)
+        findings += mine
+        if not any(f.check == "gate" and f.severity != "error" for f in mine):  # skipped by the plugin
+            checked.append(patch_cls)
     if together:
-        findings += _check_conflicts(patches, view)
+        findings += _check_conflicts(checked, view)
     else:
-        for patch_cls in patches:
+        for patch_cls in checked:
             findings += _check_conflicts([patch_cls], view)
     return findings
 
 
 def _check_one(
-    patch_cls: type[VLLMPatch[Any]], view: View, installed: InstalledView | None, *, explicit: bool
+    patch_cls: type[VLLMPatch[Any]],
+    view: View,
+    baseline: View | None,
+    *,
+    explicit: bool,
+    lock_dir: str | os.PathLike[str] | None,
 ) -> list[Finding]:
     spec = patch_cls._vcp_spec
     name = spec.name
     out: list[Finding] = []
     gate = patch_cls._vcp_gate
     if gate is not None:
-        from packaging.version import Version
-
-        if not gate.contains(Version(view.version), prereleases=True):
-            consequence = (
-                "start-up fails there, since it is selected by name" if explicit else "the plugin skips it there"
-            )
-            out.append(Finding("error" if explicit else "info", "gate", f"its gate ({gate}) excludes vLLM "
-                               f"{view.version}: {consequence}", name))  # fmt: skip
-    baseline = _baseline(patch_cls, view, installed)
-    overridden: set[str] = set()
+        release = _release(view.version)
+        if release is None:
+            out.append(Finding("error", "version", f"its gate ({gate}) cannot be checked: the vLLM version "
+                               f"{view.raw!r} is not a PEP 440 version; set VLLM_CUSTOM_PATCHES_VLLM_VERSION to "
+                               "the release it is built from", name))  # fmt: skip
+        elif not gate.contains(release, prereleases=True):
+            if not explicit:
+                out.append(Finding("warning", "gate", f"excluded by its gate ({gate}) on vLLM {view.version}: the "
+                                   "plugin skips it there (name it to check it anyway)", name))  # fmt: skip
+                return out
+            out.append(Finding("error", "gate", f"excluded by its gate ({gate}) on vLLM {view.version}: start-up "
+                               "fails there, since it is selected by name", name))  # fmt: skip
+    refs, named, unchecked = _baseline(patch_cls, view, baseline, lock_dir)
+    overridden: list[str] = []
+    found: list[Finding] = []
     try:
         for member_name, member in spec.members.items():
             original = view.member(spec.target, name, member_name)
-            ref = baseline.get(member_name)
+            ref = refs.get(member_name)
             if original is None:
                 if is_override_marked(member) or member_name in spec.original_refs or ref is not None:
                     why = (
@@ -189,14 +283,81 @@ def _check_one(
                             else f"it replaced it on {ref.label if ref else ''}"
                         )
                     )
-                    out.append(Finding("error", "member", f"{spec.target_label} has no member {member_name!r}, which the "
-                                       f"patch replaces ({why}): it was removed or renamed", name, member_name))  # fmt: skip
+                    found.append(Finding("error", "member", f"{spec.target_label} has no member {member_name!r}, "
+                                         f"which the patch replaces ({why}): it was removed or renamed", name,
+                                         member_name))  # fmt: skip
                 continue
-            overridden.add(member_name)
-            out += _check_member(name, member_name, member, original, ref)
-        out += _check_reach(spec.target, name, overridden, view)
+            overridden.append(member_name)
+            found += _check_member(name, member_name, member, original, ref)
+        found += _check_reach(spec.target, name, set(overridden), view)
     except TargetNotFound as exc:
-        out.append(Finding("error", "target", f"its target is missing: {exc}", name))
+        found.append(Finding("error", "target", f"its target is missing: {exc}", name))
+    return out + _baseline_findings(name, overridden, named, unchecked) + found
+
+
+def _baseline(
+    patch_cls: type[VLLMPatch[Any]], view: View, baseline: View | None, lock_dir: str | os.PathLike[str] | None
+) -> tuple[dict[str, _Reference], dict[str, str], dict[str, str]]:
+    """Per member, what the checked vLLM is compared with: the lock for the members locked, else
+    ``baseline``.  Returns the references, what each member's baseline is called, and for the
+    members without one why not."""
+    from .signatures import signature_from_ast
+
+    spec = patch_cls._vcp_spec
+    refs: dict[str, _Reference] = {}
+    named: dict[str, str] = {}
+    unchecked: dict[str, str] = {}
+    module = sys.modules.get(patch_cls.__module__)
+    locks = read_locks(spec.name, getattr(module, "__file__", None), lock_dir)
+    version = pick_version(locks, view.version)
+    if version is not None:
+        locked: LockedVersion = locks[version]
+        for name, member in locked.members.items():
+            if name not in spec.members:
+                continue
+            node = _first_def(member.source)
+            refs[name] = _Reference(f"vLLM {version} (locked)", member.defined_in, member.defined_in == spec.target_label,
+                                    signature_from_ast(node) if node is not None else None, member.source, locked=True)  # fmt: skip
+            named[name] = f"vLLM {version} as locked in {locked.where()}"
+    rest = [name for name in spec.members if name not in refs]
+    if baseline is None:
+        why = "not locked; no vLLM installed here; no --baseline"
+        unchecked.update(dict.fromkeys(rest, why))
+    elif baseline.version == view.version:
+        named.update(dict.fromkeys(rest, f"{baseline.label}, the same release: nothing to compare"))
+    else:
+        try:
+            for name in rest:
+                original = baseline.member(spec.target, spec.name, name)
+                if original is None:
+                    unchecked[name] = f"{baseline.label} has no member {name!r}"
+                    continue
+                refs[name] = _Reference(baseline.label, original.defined_in, original.own, original.signature,
+                                        original.source, locked=False)  # fmt: skip
+                named[name] = baseline.label
+        except TargetNotFound as exc:
+            unchecked.update({name: f"not in {baseline.label}: {exc}" for name in rest if name not in named})
+    return refs, named, unchecked
+
+
+def _baseline_findings(
+    patch: str, members: Sequence[str], named: Mapping[str, str], unchecked: Mapping[str, str]
+) -> list[Finding]:
+    """Per patch: what each overridden member's drift was measured against, or a warning that it was not."""
+    groups: dict[str, list[str]] = {}
+    for member in members:
+        if member in named:
+            groups.setdefault(named[member], []).append(member)
+    out = []
+    for label, group in groups.items():
+        message = f"drift of {', '.join(group)} measured against {label}"
+        out.append(Finding("info", "baseline", message, patch, members=tuple(group), baseline=label))
+    missing = [member for member in members if member in unchecked]
+    if missing:
+        whys = "; ".join(dict.fromkeys(unchecked[member] for member in missing))
+        out.append(Finding("warning", "baseline", f"no baseline: drift not checked for {', '.join(missing)} ({whys}): "
+                           "pass --baseline VERSION|PATH (the vLLM the patch was written for) or lock the patch",
+                           patch, members=tuple(missing)))  # fmt: skip
     return out
 
 
@@ -277,35 +438,6 @@ def _check_reach(target: Any, patch: str, overridden: set[str], view: View) -> l
         out.append(Finding("info", "reach", "vLLM instantiates AsyncScheduler (a subclass) when async scheduling is on, "
                            "its default, Scheduler otherwise, or the class --scheduler-cls names (not checked here)", patch))  # fmt: skip
     return out
-
-
-def _baseline(patch_cls: type[VLLMPatch[Any]], view: View, installed: InstalledView | None) -> dict[str, _Reference]:
-    """Per member, what the checked vLLM is compared with: the lock for the members the author
-    locked, the installed vLLM for the others (when the checked vLLM is another one)."""
-    from packaging.version import Version
-
-    from .signatures import signature_from_ast
-
-    spec = patch_cls._vcp_spec
-    refs: dict[str, _Reference] = {}
-    if installed is not None and installed.version != view.version:
-        for name in spec.members:
-            try:
-                original = installed.member(spec.target, spec.name, name)
-            except TargetNotFound:
-                break
-            if original is not None:
-                refs[name] = _Reference(installed.label, original.defined_in, original.own, original.signature,
-                                        original.source, locked=False)  # fmt: skip
-    module = sys.modules.get(patch_cls.__module__)
-    lock = read_lock(getattr(module, "__file__", None), spec.name)
-    if lock:
-        version = view.version if view.version in lock else max(lock, key=Version)
-        for name, locked in lock[version].items():
-            node = _first_def(locked.source)
-            refs[name] = _Reference(f"vLLM {version} (locked)", locked.defined_in, locked.defined_in == spec.target_label,
-                                    signature_from_ast(node) if node is not None else None, locked.source, locked=True)  # fmt: skip
-    return refs
 
 
 def _first_def(source: str) -> Any:

