@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import tempfile
+import textwrap
 import tokenize
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -193,6 +194,25 @@ class SourceTree:
         owner = next((c for c in self._mro(cls, frozenset()) if name in c.members), None)
         return None if owner is None else (owner, owner.members[name])
 
+    def mro(self, cls: StaticClass) -> list[StaticClass]:
+        """``cls`` and its bases found in this tree, in Python's method resolution order."""
+        return list(self._mro(cls, frozenset()))
+
+    def resolve_class(self, module: str, dotted: str, before: int | None = None) -> StaticClass | None:
+        """The class that the name ``dotted`` (``C``, ``mod.C``) means when written in ``module``
+        (at line ``before``: the binding current there), or ``None``."""
+        mod = self._module(module)
+        if mod is None:
+            return None
+        for candidate in mod.candidates(dotted, before):
+            if (found := self._class_at(candidate, set())) is not None:
+                return found
+        return None
+
+    def class_named(self, dotted: str) -> StaticClass | None:
+        """The class a full dotted path names (``vllm.v1.core.sched.output.SchedulerOutput``), or ``None``."""
+        return self._class_at(dotted, set())
+
     def subclasses(self, cls: StaticClass, package: str) -> list[StaticClass]:
         path = self.module_path(package)
         files = [] if path is None else sorted(path.parent.rglob("*.py")) if path.name == "__init__.py" else [path]
@@ -344,6 +364,23 @@ def tree_version(root: Path) -> tuple[str, str] | None:
         if found:
             return found.group(1), f"{dist.name}/METADATA"
     return None
+
+
+def fingerprint(source: str) -> str:
+    """The fingerprint of one function (or class member) given as source text: a hash of its syntax
+    tree without docstrings, comments, formatting or line numbers (``fingerprint`` re-exports it)."""
+    tree = ast.parse(textwrap.dedent(source))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (
+            isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
+            node.body = body[1:] or [ast.Pass()]
+    return "sha256:" + hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()[:24]
 
 
 def wheel_cache_dir() -> Path:
