@@ -4,8 +4,9 @@ The command's ``main()`` in this process (one import of vLLM for the whole
 file, where a subprocess per call would import it each time), each call
 with its own environment and, like a fresh process, no patch file imported
 yet; the real console script in a subprocess where the test is about what
-the user runs (the README's matrix, a bad argument).  Patch files are written
-the way authors write them; the 0.33.0 wheel comes from ``make vllm-next``
+the user runs (the compatibility matrix in docs/upgrading.md, a bad
+argument).  Patch files are written the way authors write them; the 0.33.0
+wheel comes from ``make vllm-next``
 (``scripts/fetch-vllm-wheel.sh``), into the cache the tool reads.  The
 findings on 0.33.0 are vLLM's real changes: ``Scheduler.__init__`` changed,
 ``AsyncScheduler._update_request_with_output`` is gone (the member moved to
@@ -27,7 +28,7 @@ from _inprocess import CLI, run_cli
 
 pytestmark = pytest.mark.vllm
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+UPGRADING = Path(__file__).resolve().parents[2] / "docs" / "upgrading.md"
 NEXT = "0.33.0"
 CATALOGUE = ["fair_share", "scheduler_trace", "shortest_prompt_first"]
 
@@ -256,11 +257,13 @@ def test_a_changed_original_is_a_warning_with_its_diff_and_an_error_once_locked(
 
 
 def test_the_readme_compatibility_matrix_is_what_doctor_finds() -> None:
-    result = _console("doctor", *CATALOGUE, "--matrix", f"0.32.0,{NEXT}")  # the command the README gives
+    result = _console("doctor", *CATALOGUE, "--matrix", f"0.32.0,{NEXT}")  # the command docs/upgrading.md gives
     assert result.returncode == 0, result.stdout + result.stderr  # no errors: the gates (<0.34) agree
     table = result.stdout.strip()
     assert table.splitlines()[0] == f"| patch | vLLM 0.32.0 | vLLM {NEXT} |"
-    assert table in README.read_text(), f"README's compatibility matrix is out of date; it should read:\n{table}"
+    assert table in UPGRADING.read_text(), (
+        f"docs/upgrading.md's compatibility matrix is out of date; it should read:\n{table}"
+    )
 
 
 def test_a_patch_on_a_member_a_subclass_overrides_without_super_is_an_error(patch_dir: Path) -> None:
