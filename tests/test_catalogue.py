@@ -10,6 +10,7 @@ import json
 import multiprocessing
 import subprocess
 import sys
+from collections import deque
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -75,8 +76,8 @@ def test_each_patch_documents_why_what_versions_settings_and_removal(name: str) 
     for variable in ENV_VARS[name]:
         assert variable in doc
         assert variable.startswith("VLLM_")  # so vLLM's Ray executor copies it to remote workers
-    assert "0.32.0" in doc and "0.33.0" in doc
-    assert patch._vcp_gate is not None and str(patch._vcp_gate) in ("<0.34,>=0.32", ">=0.32,<0.34")
+    assert "0.32.0" in doc and "0.33.0" in doc and "0.34.0" in doc
+    assert patch._vcp_gate is not None and str(patch._vcp_gate) in ("<0.35,>=0.32", ">=0.32,<0.35")
     assert patch._vcp_spec.target == "vllm.v1.core.sched.scheduler:Scheduler"
 
 
@@ -261,7 +262,7 @@ def test_trace_record_describes_one_step() -> None:
         num_scheduled_tokens={"r1-abcdefgh": 3, "r0-12345678": 1}, total_num_scheduled_tokens=4,
         finished_req_ids={"r9-00000000"}, preempted_req_ids=None,
     )  # fmt: skip
-    scheduler = SimpleNamespace(current_step=7, running=[1, 2], waiting=[3], kv_holding_waiting=[])
+    scheduler = SimpleNamespace(current_step=7, running=[1, 2], waiting=[3], kv_holding_waiting=[])  # vLLM 0.32/0.33
     record = scheduler_trace.trace_record(scheduler, output)
     assert record["step"] == 7 and record["scheduled"] == ["r1-abcdefgh", "r0-12345678"]
     assert record["new"] == ["r1-abcdefgh"] and record["prompt_tokens"] == {"r1-abcdefgh": 3}
@@ -269,6 +270,167 @@ def test_trace_record_describes_one_step() -> None:
     assert record["finished"] == ["r9-00000000"] and record["preempted"] == []
     assert (record["running"], record["waiting"]) == (2, 1)
     assert json.loads(json.dumps(record)) == record
+
+
+def test_the_trace_counts_every_waiting_queue_of_vllm_0_34() -> None:
+    # vLLM 0.34 keeps requests whose KV load waits for a slot in a third queue, async_kv_waiting,
+    # and counts it in get_request_counts; 0.32 has waiting and kv_holding_waiting only.
+    new_034 = _Scheduler034(inflight=2, connector=object())
+    new_034.waiting.extend([req("w", 3)])
+    new_034.kv_holding_waiting.extend([req("k", 3)])
+    new_034.async_kv_waiting.extend([req("a1", 3), req("a2", 3)])
+    assert scheduler_trace.waiting_count(new_034) == 4 == new_034.get_request_counts()[1]
+    old_032 = SimpleNamespace(waiting=[1], kv_holding_waiting=[2, 3])
+    assert scheduler_trace.waiting_count(old_032) == 3
+    assert scheduler_trace.waiting_count(SimpleNamespace(waiting=[1, 2])) == 2
+    assert scheduler_trace.trace_record(new_034, _output())["waiting"] == 4
+
+
+# -- the policies against the scheduler of vLLM 0.34 (a stand-in, no vLLM) -------------
+
+
+class _Queue(deque):  # type: ignore[type-arg]
+    """vLLM's FCFSRequestQueue: a deque with the methods the scheduler calls."""
+
+    def add_request(self, request: Any) -> None:
+        self.append(request)
+
+    def pop_request(self) -> Any:
+        return self.popleft()
+
+
+class _Scheduler034:
+    """What vLLM 0.34's ``Scheduler.__init__`` sets that the policies depend on, and a ``schedule``
+    that admits as 0.34's does: ``kv_holding_waiting`` first, then the head of ``waiting`` or of
+    ``async_kv_waiting``, whichever arrived first (``_next_waiting_queue``)."""
+
+    def __init__(self, *, window: int = 0, connector: Any = None, inflight: int | None = None) -> None:
+        self.policy = SimpleNamespace(value="fcfs")
+        self.waiting, self.kv_holding_waiting, self.async_kv_waiting = _Queue(), _Queue(), _Queue()
+        self.running: list[Any] = []
+        self.requests: dict[str, Any] = {}
+        self.connector = connector
+        self.scheduler_config = SimpleNamespace(max_num_inflight_kv_loads=inflight, cache_aware_admission_window=window)
+        self.cache_aware_window = window  # 0.34 sets the window only with FCFS and prefix caching
+        self.current_step = 0
+
+    def add_request(self, request: Any, *, async_kv: bool = False) -> None:
+        self.requests[request.request_id] = request
+        use_async = async_kv and self.connector is not None and self.scheduler_config.max_num_inflight_kv_loads
+        (self.async_kv_waiting if use_async else self.waiting).add_request(request)
+
+    def get_request_counts(self) -> tuple[int, int]:
+        return len(self.running), len(self.waiting) + len(self.kv_holding_waiting) + len(self.async_kv_waiting)
+
+    def schedule(self, throttle_prefills: bool = False) -> Any:
+        admitted = []
+        while len(admitted) < 2 and (self.kv_holding_waiting or self.waiting or self.async_kv_waiting):
+            queue = self.kv_holding_waiting or self._next_waiting_queue()
+            admitted.append(queue.pop_request())
+        self.running += admitted
+        output = _output({r.request_id: r.num_prompt_tokens for r in admitted})
+        self._update_after_schedule(output)
+        return output
+
+    def _next_waiting_queue(self) -> Any:
+        if not self.async_kv_waiting:
+            return self.waiting
+        if not self.waiting:
+            return self.async_kv_waiting
+        first = self.async_kv_waiting[0].arrival_time < self.waiting[0].arrival_time
+        return self.async_kv_waiting if first else self.waiting
+
+    def _update_after_schedule(self, scheduler_output: Any) -> None:
+        self.current_step += 1
+
+
+def _output(tokens: dict[str, int] | None = None) -> Any:
+    tokens = tokens or {}
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=rid, prompt_token_ids=[0] * n) for rid, n in tokens.items()],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[]), num_scheduled_tokens=dict(tokens),
+        total_num_scheduled_tokens=sum(tokens.values()), finished_req_ids=set(), preempted_req_ids=None,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def vllm_034(monkeypatch: pytest.MonkeyPatch) -> type[_Scheduler034]:
+    """The policies' target, ``vllm.v1.core.sched.scheduler:Scheduler``, as a stand-in of vLLM 0.34's."""
+    import types
+
+    module = types.ModuleType("vllm.v1.core.sched.scheduler")
+    cls = type("Scheduler", (_Scheduler034,), {"__module__": module.__name__})
+    module.Scheduler = cls  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    monkeypatch.setenv("VLLM_CUSTOM_PATCHES_VLLM_VERSION", "0.34.0")
+    monkeypatch.delenv("VLLM_CUSTOM_PATCHES_SPF_MAX_WAIT_S", raising=False)
+    return cls
+
+
+POLICIES = ["shortest_prompt_first", "fair_share"]
+BYPASSES = {
+    # What 0.34 is started with -> the setting the refusal names, and the way out it offers.
+    "cache-aware admission": ({"window": 8}, "--cache-aware-admission-window 8", "--cache-aware-admission-window 0"),
+    "async KV loads": ({"connector": object(), "inflight": 4}, "--max-num-inflight-kv-loads 4",
+                       "without --max-num-inflight-kv-loads"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("bypass", sorted(BYPASSES))
+def test_a_policy_refuses_to_start_where_vllm_0_34_would_bypass_its_order(
+    vllm_034: type[_Scheduler034], name: str, bypass: str
+) -> None:
+    settings, setting, fix = BYPASSES[bypass]
+    PatchManager.apply(name)
+    try:
+        with pytest.raises(PatchConfigError) as info:
+            vllm_034(**settings)  # type: ignore[arg-type]
+    finally:
+        PatchManager.rollback(name)
+    message = str(info.value)
+    assert setting in message and fix in message and repr(name) in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"inflight": 4}, {"connector": object()}],  # the default; a limit with no connector; a connector, no limit
+    ids=["default", "limit-without-connector", "connector-without-limit"],
+)
+def test_a_policy_starts_where_vllm_0_34_admits_in_its_order(
+    vllm_034: type[_Scheduler034], name: str, settings: dict[str, Any]
+) -> None:
+    PatchManager.apply(name)
+    try:
+        scheduler = vllm_034(**settings)
+        for request in (req("long", 40, tenant="a", arrival=1), req("a2", 40, tenant="a", arrival=2),
+                        req("short", 4, tenant="b", arrival=3)):  # fmt: skip
+            scheduler.add_request(request, async_kv=True)  # async only where 0.34 would queue it so
+        assert not scheduler.async_kv_waiting
+        output = scheduler.schedule()
+    finally:
+        PatchManager.rollback(name)
+    expected = ["short", "long"] if name == "shortest_prompt_first" else ["long", "short"]
+    assert [r.req_id for r in output.scheduled_new_reqs] == expected
+
+
+@pytest.mark.parametrize("name", POLICIES)
+@pytest.mark.parametrize("bypass", sorted(BYPASSES))
+def test_a_live_apply_to_a_vllm_0_34_scheduler_that_would_bypass_the_policy_is_refused(
+    vllm_034: type[_Scheduler034], name: str, bypass: str
+) -> None:
+    from vllm_custom_patches.testing import snapshot_namespace
+
+    settings, setting, _ = BYPASSES[bypass]
+    running = vllm_034(**settings)  # type: ignore[arg-type]
+    before = snapshot_namespace(vllm_034)
+    with pytest.raises(PatchConfigError, match=setting):
+        PatchManager.apply(name)
+    assert not PatchManager.is_applied(name)
+    before.assert_unchanged()
+    assert running.schedule().total_num_scheduled_tokens == 0  # vLLM's own schedule, unpatched
 
 
 def test_catalogue_modules_reload_cleanly() -> None:

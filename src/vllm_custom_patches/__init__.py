@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from ._core.manager import PatchManager
     from ._core.patch import VLLMPatch
     from ._core.status import PatchState, PatchStatus
+    from ._core.typed import TypedAs
     from ._core.versions import VLLMVersion, detect_vllm_version, max_vllm_version, min_vllm_version, vllm_versions
 del TYPE_CHECKING
 
@@ -47,6 +48,7 @@ __all__ = [
     "PatchStatus",
     "PatchTargetError",
     "PatchVersionError",
+    "TypedAs",
     "UnknownPatchError",
     "VLLMPatch",
     "VLLMVersion",
@@ -78,6 +80,7 @@ _HOMES = {
     "PatchManager": "_core.manager",
     "PatchState": "_core.status",
     "PatchStatus": "_core.status",
+    "TypedAs": "_core.typed",
     "VLLMPatch": "_core.patch",
     "changes_kind": "_core.kinds",
     **dict.fromkeys(

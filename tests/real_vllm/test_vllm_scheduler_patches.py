@@ -58,7 +58,7 @@ def test_each_patch_applies_to_and_rolls_back_from_the_real_scheduler_exactly(
     assert status.state is PatchState.APPLIED
     assert set(status.overrides) == overrides
     assert status.target == "vllm.v1.core.sched.scheduler:Scheduler"
-    assert SpecifierSet(status.versions) == SpecifierSet(">=0.32,<0.34")
+    assert SpecifierSet(status.versions) == SpecifierSet(">=0.32,<0.35")
     for member in overrides:
         assert vars(scheduler)[member] is not originals[member]
         assert vars(scheduler)[f"_original_{member}"] is originals[member]
@@ -138,9 +138,9 @@ def test_the_version_gate_refuses_other_vllm_versions(
 ) -> None:
     scheduler, _ = classes
     before = snapshot_namespace(scheduler)
-    monkeypatch.setenv("VLLM_CUSTOM_PATCHES_VLLM_VERSION", "0.34.0")
+    monkeypatch.setenv("VLLM_CUSTOM_PATCHES_VLLM_VERSION", "0.35.0")
     for name in CATALOGUE:
-        with pytest.raises(PatchVersionError, match=r"<0.34,>=0.32|>=0.32,<0.34"):
+        with pytest.raises(PatchVersionError, match=r"<0.35,>=0.32|>=0.32,<0.35"):
             PatchManager.apply(name)
     before.assert_unchanged()
 
@@ -193,14 +193,14 @@ def test_the_policies_refuse_a_priority_queue() -> None:
 
     from vllm.v1.core.sched.request_queue import SchedulingPolicy, create_request_queue
 
-    from vllm_custom_patches_catalogue._queue import require_fcfs_queue
+    from vllm_custom_patches_catalogue._queue import require_admission_order
 
     fcfs = SimpleNamespace(waiting=create_request_queue(SchedulingPolicy.FCFS), policy=SchedulingPolicy.FCFS)
-    require_fcfs_queue(fcfs, "shortest_prompt_first")
+    require_admission_order(fcfs, "shortest_prompt_first")
     assert isinstance(fcfs.waiting, deque)
     prio = SimpleNamespace(waiting=create_request_queue(SchedulingPolicy.PRIORITY), policy=SchedulingPolicy.PRIORITY)
     with pytest.raises(PatchConfigError, match=r"'priority'.*--scheduling-policy fcfs"):
-        require_fcfs_queue(prio, "shortest_prompt_first")
+        require_admission_order(prio, "shortest_prompt_first")
 
 
 # -- a live apply meets the schedulers that already run -------------------------------
@@ -284,11 +284,85 @@ def test_a_live_apply_to_a_running_fcfs_scheduler_is_accepted_and_schedules(
     before.assert_unchanged()
 
 
+# -- vLLM 0.34's configurations that bypass the policies, on the real 0.32 classes --------
+# vLLM 0.34 cannot run here (no CPU build past 0.32.0), so each test gives a real 0.32
+# Scheduler what 0.34's Scheduler.__init__ sets for that configuration: the patches read
+# those attributes with defaults, and 0.32 itself (no such attribute) must keep working.
+
+
+def _as_0_34(scheduler: Any, bypass: str) -> None:
+    """Set on ``scheduler`` what vLLM 0.34's ``__init__`` sets under ``bypass``."""
+    from vllm.v1.core.sched.request_queue import create_request_queue
+
+    if bypass == "cache-aware admission":  # --cache-aware-admission-window 4, FCFS, prefix caching on
+        scheduler.cache_aware_window = 4
+    else:  # a KV connector and --max-num-inflight-kv-loads 2
+        scheduler.async_kv_waiting = create_request_queue(scheduler.policy)
+        scheduler.connector = object()
+        # 0.32's SchedulerConfig has no such field (and validates assignments).
+        object.__setattr__(scheduler.scheduler_config, "max_num_inflight_kv_loads", 2)
+
+
+BYPASSES = {
+    "cache-aware admission": "--cache-aware-admission-window 4",
+    "async KV loads": "--max-num-inflight-kv-loads 2",
+}
+
+
+@pytest.mark.parametrize("name", ["shortest_prompt_first", "fair_share"])
+@pytest.mark.parametrize("bypass", sorted(BYPASSES))
+def test_a_policy_refuses_to_start_a_real_scheduler_configured_as_vllm_0_34_bypasses_it(
+    classes: tuple[type, type], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, bypass: str
+) -> None:
+    scheduler_cls, async_cls = classes
+    vllm_init = scheduler_cls.__init__
+
+    def init_as_0_34(self: Any, *args: Any, **kwargs: Any) -> None:
+        vllm_init(self, *args, **kwargs)
+        _as_0_34(self, bypass)
+
+    monkeypatch.setattr(scheduler_cls, "__init__", init_as_0_34)
+    PatchManager.apply(name)
+    try:
+        with pytest.raises(PatchConfigError) as info:
+            _real_scheduler(tmp_path, "fcfs", async_cls)  # the class vLLM instantiates by default
+    finally:
+        PatchManager.rollback(name)
+    assert BYPASSES[bypass] in str(info.value) and repr(name) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["shortest_prompt_first", "fair_share"])
+@pytest.mark.parametrize("bypass", sorted(BYPASSES))
+def test_a_live_apply_to_a_real_scheduler_configured_as_vllm_0_34_bypasses_it_is_refused(
+    classes: tuple[type, type], tmp_path: Path, name: str, bypass: str
+) -> None:
+    scheduler_cls, async_cls = classes
+    running = _real_scheduler(tmp_path, "fcfs", async_cls)
+    _as_0_34(running, bypass)
+    before, before_async = snapshot_namespace(scheduler_cls), snapshot_namespace(async_cls)
+    with pytest.raises(PatchConfigError, match=BYPASSES[bypass]):
+        PatchManager.apply(name)
+    before.assert_unchanged()
+    before_async.assert_unchanged()
+    assert not PatchManager.is_applied(name)
+
+
+@pytest.mark.usefixtures("classes")
+def test_the_trace_counts_what_the_real_scheduler_counts_as_waiting(tmp_path: Path) -> None:
+    running = _real_scheduler(tmp_path, "fcfs")
+    for request_id in ("a", "b", "c"):
+        running.add_request(_request(request_id, 8))
+    assert scheduler_trace.waiting_count(running) == 3 == running.get_request_counts()[1]
+    _as_0_34(running, "async KV loads")
+    running.async_kv_waiting.add_request(_request("d", 8))
+    assert scheduler_trace.waiting_count(running) == 4
+
+
 def test_the_policies_schedule_without_judging_the_configuration_per_step(classes: tuple[type, type]) -> None:
     # Configuration is refused at start-up (__init__) and at a live apply (check_live); schedule() never raises for it.
     import inspect
 
     for patch in (shortest_prompt_first.ShortestPromptFirst, fair_share.FairShare):
         body = inspect.getsource(patch._vcp_spec.members["schedule"])  # type: ignore[arg-type]
-        assert "require_fcfs_queue" not in body and "raise" not in body
+        assert "require_admission_order" not in body and "raise" not in body
         assert patch._vcp_checks_live and "check_live" not in patch._vcp_spec.members

@@ -156,7 +156,7 @@ def test_public_names_still_import_on_first_use() -> None:
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["ok", "19"]
+    assert proc.stdout.split() == ["ok", "20"]
 
 
 def _costs_ms(args: list[str], env: dict[str, str]) -> list[float]:

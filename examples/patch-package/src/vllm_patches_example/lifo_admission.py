@@ -10,7 +10,7 @@ from collections import deque
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from vllm_custom_patches import PatchConfigError, VLLMPatch, vllm_versions
+from vllm_custom_patches import PatchConfigError, TypedAs, VLLMPatch, vllm_versions
 
 if sys.version_info >= (3, 12):
     from typing import override
@@ -19,6 +19,10 @@ else:
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.core.sched.scheduler import Scheduler
+else:
+    # The target by name: vLLM is imported when the patch is applied, not with this module.
+    Scheduler = "vllm.v1.core.sched.scheduler:Scheduler"
 
 __all__ = ["LifoAdmission", "lifo_order"]
 
@@ -66,7 +70,7 @@ def _reorder_in_place(queue: Any, ordered: list[Any]) -> None:
 
 
 @vllm_versions(">=0.32,<0.34")
-class LifoAdmission(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
+class LifoAdmission(VLLMPatch[Scheduler], TypedAs[Scheduler]):
     """Admit waiting requests newest first (last in, first out).
 
     Why: under sustained overload a first-come-first-served queue makes every
@@ -133,4 +137,5 @@ class LifoAdmission(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
         waiting = self.waiting  # FCFS: __init__ or check_live refused any other
         if len(waiting) > 1:
             _reorder_in_place(waiting, lifo_order(waiting))
-        return LifoAdmission.original("schedule")(self, throttle_prefills)
+        output: SchedulerOutput = LifoAdmission.original("schedule")(self, throttle_prefills)
+        return output
