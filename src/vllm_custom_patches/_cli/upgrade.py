@@ -280,19 +280,14 @@ def _download(version: str, flag: str) -> Path:
     return found[-1]
 
 
-def _lock_dir(args: argparse.Namespace, *, create: bool = False) -> Path | None:
-    """``--lock-dir``, else ``$VLLM_CUSTOM_PATCHES_LOCK_DIR``, else none; it must be a directory (``lock`` makes it)."""
+def _lock_dir(args: argparse.Namespace, *, made_by_lock: bool = False) -> Path | None:
+    """``--lock-dir``, else ``$VLLM_CUSTOM_PATCHES_LOCK_DIR``, else none.  It must be a directory;
+    for ``lock`` one that does not exist yet will be made when a lock is written."""
     value, flag = (args.lock_dir, "--lock-dir") if args.lock_dir else (os.environ.get(ENV_LOCK_DIR), ENV_LOCK_DIR)
     if value is None or not value.strip():
         return None
     path = Path(value.strip()).expanduser().absolute()
-    if create:
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise _Usage(f"{flag} {path} cannot be created ({type(exc).__name__}: {exc.strerror or exc}); give a "
-                         "directory you can write") from None  # fmt: skip
-    if not path.is_dir():
+    if not (path.is_dir() or (made_by_lock and not path.exists())):
         raise _Usage(f"{flag} {path} is not a directory: create it (lock --lock-dir {path} does) or fix the setting")
     return path
 
@@ -531,7 +526,7 @@ def _lock(args: argparse.Namespace) -> int:
     if release is None:
         raise _Usage(f"cannot lock against vLLM {view.raw!r}: not a PEP 440 version; set VLLM_CUSTOM_PATCHES_VLLM_VERSION "
                      "to the release it is built from, or pass --vllm VERSION")  # fmt: skip
-    lock_dir = _lock_dir(args, create=True)
+    lock_dir = _lock_dir(args, made_by_lock=True)
     # Everything is checked before anything is written: a refused lock changes no file.
     planned = []
     for patch_cls in classes:

@@ -134,10 +134,16 @@ def summary_of(report: DoctorReport, patch: str) -> dict[str, Any]:
 def cell_of(report: DoctorReport, patch: str) -> str:
     """One patch in a matrix column: its gate exclusion, then every error, else every warning, else ``ok``."""
     mine = [f for f in report.findings if f.patch == patch]
-    parts = [f"excluded by gate {report.gates.get(patch, '')}".rstrip()] if _excluded(report, patch) else []
+    # Named, the exclusion is an error (start-up fails); taken in by '*', the plugin skips the patch.
+    parts = [
+        f"{'error: ' if f.severity == 'error' else ''}excluded by gate {report.gates.get(patch, '')}".rstrip()
+        for f in mine
+        if f.check == "gate"
+    ]
     errors = [f"error: {f.message}" for f in mine if f.severity == "error" and f.check != "gate"]
     warnings = [f"warning: {f.message}" for f in mine if f.severity == "warning" and f.check != "gate"]
-    return "; ".join(parts + (errors or warnings)) or "ok"
+    failed = any(f.severity == "error" for f in mine)
+    return "; ".join(parts + (errors if failed else warnings)) or "ok"
 
 
 def baseline_of(report: DoctorReport, patch: str) -> str:
@@ -475,7 +481,7 @@ def _check_conflicts(patches: Sequence[type[VLLMPatch[Any]]], view: View) -> lis
 
 def _apply_each(patches: Sequence[type[VLLMPatch[Any]]]) -> list[Finding]:
     """Apply them, in order, in a scratch registry against the installed vLLM; what refuses; all rolled back."""
-    from .._core.errors import PatchConflictError, PatchError, PatchTargetError
+    from .._core.errors import PatchConflictError, PatchError, PatchTargetError, PatchVersionError
     from .._core.manager import PatchManager
     from ..testing import isolated_registry
 
@@ -485,8 +491,8 @@ def _apply_each(patches: Sequence[type[VLLMPatch[Any]]]) -> list[Finding]:
             for patch_cls in patches:
                 try:
                     PatchManager.apply(patch_cls)
-                except PatchTargetError:
-                    continue  # reported by the member and target checks, with more detail
+                except (PatchTargetError, PatchVersionError):
+                    continue  # reported by the member, target and gate checks, with more detail
                 except PatchConflictError as exc:
                     out.append(Finding("error", "conflict", str(exc), patch_cls._vcp_spec.name))
                 except PatchError as exc:
