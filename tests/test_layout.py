@@ -84,10 +84,8 @@ def violations(g: dict[str, set[str]]) -> list[str]:
                 found.append(f"the core imports {target} ({module})")
             elif other == "_core":
                 continue
-            elif (
-                other not in INTERFACES
-                or (target.split(".", 1)[-1] not in INTERFACES[other]
-                and not (other == "testing" and target == "testing"))
+            elif other not in INTERFACES or (
+                target.split(".", 1)[-1] not in INTERFACES[other] and not (other == "testing" and target == "testing")
             ):
                 found.append(f"{module} imports {target}, which is not in {other}'s interface")
     return found
