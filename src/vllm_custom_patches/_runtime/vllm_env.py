@@ -7,11 +7,12 @@ environment (the plugin's and the catalogue's settings) to
 ``vllm.envs.environment_variables``.
 
 That table is also what vLLM hashes into its torch.compile cache key.  The
-selection (``VLLM_CUSTOM_PATCHES``) belongs there: a patch may change the
-model code that gets compiled, and a cache built without it must not be
-reused with it.  The other settings (paths, policies) do not change compiled
-code, so they are declared with a constant value: only their presence enters
-the key, never, say, a per-run trace file path.
+selection (``VLLM_CUSTOM_PATCHES``) belongs there, with the code of each
+selected patch (``compile_key``): a patch may change the model code that gets
+compiled, and a cache built without it, or with another version of it, must
+not be reused with it.  The other settings (paths, policies) do not change
+compiled code, so they are declared with a constant value: only their
+presence enters the key, never, say, a per-run trace file path.
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ def declare_to_vllm(environ: Mapping[str, str]) -> list[str]:
 
 
 def _selection() -> str | None:
-    return os.environ.get(ENV_PATCHES)
+    # Imported when vLLM asks (while it computes its compile key), not with the plugin.
+    from .compile_key import selection_key
+
+    return selection_key(os.environ)
 
 
 def _not_a_compile_factor() -> str:
