@@ -13,14 +13,17 @@ from typing import Any
 import pytest
 
 from vllm_custom_patches import VLLMPatch
-from vllm_custom_patches._upgrade.doctor import check_environment, check_patches
+from vllm_custom_patches._upgrade.doctor import DoctorReport, cell_of, check_environment, check_patches, summary_of
 from vllm_custom_patches._upgrade.fingerprint import (
     LockedMember,
     PatchVersion,
     fingerprint,
     lock_entry,
     lock_path,
+    pick_version,
     read_lock,
+    read_locks,
+    user_lock_path,
     write_lock,
 )
 from vllm_custom_patches._upgrade.vllm_views import StaticView
@@ -145,7 +148,7 @@ def test_against_a_lock_a_moved_member_and_a_changed_locked_original_are_errors(
             write_lock(lock_path(module_file), "probe", "fakevllm.sched.scheduler:Scheduler", "1.0.0", entry)
             assert set(read_lock(module_file, "probe")["1.0.0"]) == {"schedule", "step"}
             same = _by_check(check_patches([probe], v1, None))
-            assert same.keys() <= {"reach", "baseline"}  # the lock matches 1.0
+            assert not {"drift", "moved", "signature", "member"} & same.keys(), same  # the lock matches 1.0
             (baseline,) = same["baseline"]  # named: the lock, for both members
             assert baseline.severity == "info" and baseline.members == ("schedule", "step")
             assert baseline.baseline == "vLLM 1.0.0 as locked in probe_patch.lock.json, shipped with the patch"
@@ -211,3 +214,77 @@ def test_vllm_plugins_must_list_the_plugin_exactly(plugins: str | None, expected
     else:
         (message,) = messages
         assert expected in message
+
+
+# -- baselines (issue 18 item 2) and locks of one's own (item 4) ------------------------------------
+
+
+def test_pick_version_takes_the_same_release_else_the_one_it_comes_from_else_the_oldest() -> None:
+    locked = dict.fromkeys(["0.32.0", "0.33.0"])
+    assert pick_version(locked, "0.33.0") == "0.33.0"
+    assert pick_version(locked, "0.34.0") == "0.33.0"  # an upgrade: compared with the newest before it
+    assert pick_version(locked, "0.32.5") == "0.32.0"
+    assert pick_version(locked, "0.31.0") == "0.32.0"  # an older vLLM: the oldest lock
+    assert pick_version({}, "1.0") is None
+
+
+def _lock(path: Path, version: str, member: str, source: str, patch: str = "probe") -> None:
+    locked = {member: LockedMember(fingerprint(source), "fakevllm.sched.scheduler:Scheduler", source)}
+    entry = lock_entry(locked, vllm=version, patch=PatchVersion(None, "a test"))
+    write_lock(path, patch, "fakevllm.sched.scheduler:Scheduler", version, entry)
+
+
+def test_a_lock_dir_entry_wins_over_the_shipped_one_for_its_version_only(tmp_path: Path) -> None:
+    module_file = tmp_path / "pkg" / "probe_patch.py"
+    module_file.parent.mkdir()
+    _lock(lock_path(module_file), "1.0.0", "schedule", "def schedule(self):\n    return 1\n")
+    _lock(lock_path(module_file), "2.0.0", "schedule", "def schedule(self):\n    return 2\n")
+    ops = tmp_path / "ops"
+    _lock(user_lock_path(ops, "probe"), "2.0.0", "step", "def step(self):\n    return 3\n")
+    locks = read_locks("probe", module_file, ops)
+    assert {v: (lv.owner, sorted(lv.members)) for v, lv in locks.items()} == {
+        "1.0.0": ("package", ["schedule"]),
+        "2.0.0": ("user", ["step"]),  # whole: the shipped 2.0.0 entry is not mixed in
+    }
+    assert locks["2.0.0"].where() == str(ops / "probe.lock.json")
+    assert locks["1.0.0"].where() == "probe_patch.lock.json, shipped with the patch"
+    assert set(read_locks("probe", module_file)) == {"1.0.0", "2.0.0"}  # without the lock dir: the shipped ones
+
+
+def test_the_baseline_of_each_member_is_named_and_a_member_without_one_is_a_warning(
+    v1: StaticView, v2: StaticView
+) -> None:
+    with isolated_registry():
+        probe = _patch("def schedule(self, *a, **k):\n    return []\n\ndef step(self, budget):\n    return 0\n")
+        alone = _by_check(check_patches([probe], v2, None))["baseline"]
+        against_v1 = _by_check(check_patches([probe], v2, v1))
+        same = _by_check(check_patches([probe], v1, v1))
+    (warning,) = alone
+    assert warning.severity == "warning" and warning.members == ("schedule", "step")
+    assert warning.message.startswith("no baseline: drift not checked for schedule, step (")
+    (named,) = against_v1["baseline"]
+    assert (named.severity, named.members, named.baseline) == ("info", ("schedule", "step"), v1.label)
+    assert {f.member for f in against_v1["drift"]} == {"schedule", "step"}
+    assert [f.member for f in against_v1["moved"]] == ["step"]  # now inherited from Base
+    (nothing,) = same["baseline"]
+    assert nothing.severity == "info" and nothing.baseline.endswith("the same release: nothing to compare")
+    assert "drift" not in same
+
+
+def test_a_gate_exclusion_is_an_error_when_named_and_a_skip_otherwise(v2: StaticView) -> None:
+    from vllm_custom_patches import vllm_versions
+
+    with isolated_registry():
+        probe = vllm_versions("<2")(_patch("def schedule(self):\n    return []\n"))
+        skipped = check_patches([probe], v2, None, together=False)
+        named = check_patches([probe], v2, None)
+    (gate,) = skipped  # nothing else is checked: the plugin skips it there
+    assert (gate.severity, gate.check) == ("warning", "gate") and "excluded by its gate (<2)" in gate.message
+    report = DoctorReport("v2", ["probe"], skipped, gates={"probe": "<2"})
+    assert summary_of(report, "probe")["verdict"] == "excluded" and cell_of(report, "probe") == "excluded by gate <2"
+    checks = {f.check: f.severity for f in named}
+    assert checks["gate"] == "error" and checks["signature"] == "error"  # named: checked anyway
+    report = DoctorReport("v2", ["probe"], named, gates={"probe": "<2"})
+    cell = cell_of(report, "probe")
+    assert cell.startswith("error: excluded by gate <2; error: schedule(self) cannot take every call"), cell
+    assert summary_of(report, "probe")["errors"][1].startswith("schedule(self) cannot take every call")
