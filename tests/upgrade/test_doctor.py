@@ -234,7 +234,7 @@ def _lock(path: Path, version: str, member: str, source: str, patch: str = "prob
     write_lock(path, patch, "fakevllm.sched.scheduler:Scheduler", version, entry)
 
 
-def test_a_lock_dir_entry_wins_over_the_shipped_one_for_its_version_only(tmp_path: Path) -> None:
+def test_a_lock_dir_entry_wins_over_the_shipped_one(tmp_path: Path) -> None:
     module_file = tmp_path / "pkg" / "probe_patch.py"
     module_file.parent.mkdir()
     _lock(lock_path(module_file), "1.0.0", "schedule", "def schedule(self):\n    return 1\n")
@@ -249,6 +249,10 @@ def test_a_lock_dir_entry_wins_over_the_shipped_one_for_its_version_only(tmp_pat
     assert locks["2.0.0"].where() == str(ops / "probe.lock.json")
     assert locks["1.0.0"].where() == "probe_patch.lock.json, shipped with the patch"
     assert set(read_locks("probe", module_file)) == {"1.0.0", "2.0.0"}  # without the lock dir: the shipped ones
+    _lock(user_lock_path(tmp_path / "ops-1.0", "probe"), "1.0.0", "step", "def step(self):\n    return 3\n")
+    # The baseline: what the ops team reviewed (1.0.0), not the author's newer lock (2.0.0), even for 2.0.0.
+    assert pick_version(read_locks("probe", module_file, tmp_path / "ops-1.0"), "2.0.0") == "1.0.0"
+    assert pick_version(read_locks("probe", module_file), "2.0.0") == "2.0.0"
 
 
 def test_the_baseline_of_each_member_is_named_and_a_member_without_one_is_a_warning(

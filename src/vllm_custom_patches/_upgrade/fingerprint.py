@@ -313,9 +313,15 @@ def read_lock(module_file: str | os.PathLike[str] | None, patch: str) -> dict[st
 
 def pick_version(locked: Mapping[str, object], checked: str) -> str | None:
     """The locked version to compare the checked vLLM with: the same one; else the newest below it,
-    the release it comes from; else the oldest above it (a check of an older vLLM)."""
+    the release it comes from; else the oldest above it (a check of an older vLLM).
+
+    Among :class:`LockedVersion` values, only those of a lock directory are considered when there
+    are any: an ops team that locked a patch compares with what it reviewed, not with a newer
+    version the patch's author locked."""
     from packaging.version import InvalidVersion, Version
 
+    users = {v: x for v, x in locked.items() if isinstance(x, LockedVersion) and x.owner == "user"}
+    locked = users or locked
     if not locked:
         return None
     if checked in locked:
