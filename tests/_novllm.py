@@ -16,6 +16,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,3 +68,14 @@ def environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env["VLLM_CUSTOM_PATCHES_TRACE_FILE"] = os.devnull  # scheduler_trace's required setting
     env.update(extra or {})
     return env
+
+
+def need_wheels(*versions: str) -> None:
+    """Fail (skip with ``VCP_SKIP_VLLM=1``) unless the wheels of these vLLM releases are in the wheel cache."""
+    cache = Path(os.environ.get("VLLM_CUSTOM_PATCHES_CACHE_DIR") or Path.home() / ".cache" / "vllm-custom-patches")
+    missing = [v for v in versions if not list(cache.glob(f"vllm-{v}-*.whl"))]
+    if not missing:
+        return
+    if os.environ.get("VCP_SKIP_VLLM", "").strip() == "1":
+        pytest.skip(f"the vllm {', '.join(missing)} wheel(s) are not in {cache}; skipped because VCP_SKIP_VLLM=1")
+    pytest.fail(f"the vllm {', '.join(missing)} wheel(s) are not in {cache}: run 'make vllm-next'", pytrace=False)

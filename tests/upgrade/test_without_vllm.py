@@ -12,7 +12,6 @@ marked ``vllm`` read the real 0.33.0 and 0.34.0 wheels from the wheel cache
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import textwrap
 import time
@@ -374,16 +373,6 @@ def test_a_format_1_lock_is_read_and_rewritten_as_format_2(no_vllm: Path, v1: Pa
 # -- the real 0.33.0 and 0.34.0 wheels, read statically ----------------------------------------
 
 
-def _need_wheels(*versions: str) -> None:
-    cache = Path(os.environ.get("VLLM_CUSTOM_PATCHES_CACHE_DIR") or Path.home() / ".cache" / "vllm-custom-patches")
-    missing = [v for v in versions if not list(cache.glob(f"vllm-{v}-*.whl"))]
-    if not missing:
-        return
-    if os.environ.get("VCP_SKIP_VLLM", "").strip() == "1":
-        pytest.skip(f"the vllm {', '.join(missing)} wheel(s) are not in {cache}; skipped because VCP_SKIP_VLLM=1")
-    pytest.fail(f"the vllm {', '.join(missing)} wheel(s) are not in {cache}: run 'make vllm-next'", pytrace=False)
-
-
 INIT_WRAPPER = """
 from vllm_custom_patches import VLLMPatch
 
@@ -406,7 +395,7 @@ class OldPolicy(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
 
 @pytest.mark.vllm
 def test_doctor_on_the_real_0_34_wheel_without_vllm(no_vllm: Path) -> None:
-    _need_wheels("0.34.0")
+    _novllm.need_wheels("0.34.0")
     _run(no_vllm, "doctor", "--vllm", "0.34.0")  # warm: the wheel unpacked once
     started = time.monotonic()
     result = _run(no_vllm, "doctor", "--vllm", "0.34.0", "--json")
@@ -422,7 +411,7 @@ def test_doctor_on_the_real_0_34_wheel_without_vllm(no_vllm: Path) -> None:
 
 @pytest.mark.vllm
 def test_a_baseline_of_0_33_finds_0_34s_changes_to_members_nobody_locked(no_vllm: Path, tmp_path: Path) -> None:
-    _need_wheels("0.33.0", "0.34.0")
+    _novllm.need_wheels("0.33.0", "0.34.0")
     patches = _patches(tmp_path / "patches", init_wrapper=INIT_WRAPPER)
     plain = _report(_run(no_vllm, "doctor", "InitWrapper", "--vllm", "0.34.0", "--json", patches=patches), 0)
     assert plain["patches"]["InitWrapper"]["baseline"] == {"__init__": None}
@@ -451,7 +440,7 @@ def test_a_baseline_of_0_33_finds_0_34s_changes_to_members_nobody_locked(no_vllm
 
 @pytest.mark.vllm
 def test_a_gate_that_stops_before_0_34_is_shown_and_refused_for_locking(no_vllm: Path, tmp_path: Path) -> None:
-    _need_wheels("0.33.0", "0.34.0")
+    _novllm.need_wheels("0.33.0", "0.34.0")
     patches = _patches(tmp_path / "patches", old_policy=OLD_POLICY)
     result = _run(no_vllm, "doctor", "--matrix", "0.33.0,0.34.0", patches=patches)
     assert "Traceback" not in result.stderr and result.returncode in (0, 1), result.stderr
