@@ -24,7 +24,7 @@ INTERFACES: dict[str, set[str]] = {
     # What one wing offers the others (the core offers everything it has).
     "_runtime": {"activation", "discovery", "selection", "vllm_env"},
     "_ops": {"agent", "remote"},
-    "_upgrade": {"doctor", "fingerprint", "signatures", "static", "vllm_views"},
+    "_upgrade": {"doctor", "fingerprint", "signatures", "static", "surface", "vllm_views"},
     "_cli": {"main"},
     "testing": {"__init__"},
 }

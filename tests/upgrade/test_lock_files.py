@@ -113,6 +113,9 @@ def _drop(key: str) -> Callable[[dict[str, Any]], str]:
     return _edit(lambda data: _member(data).pop(key) and None)
 
 
+_SURFACE_MEMBER = {"defined_in": "vllm.sched:Scheduler", "fingerprint": "sha256:0", "touches": {"waiting": "read"},
+                   "called": False, "source": "def add(self:\n"}  # fmt: skip
+
 # (what the corrupt file holds, made from the valid one; what the message must name)
 CORRUPT: dict[str, tuple[Callable[[dict[str, Any]], str | bytes], str]] = {
     "a version that is not PEP 440": (
@@ -171,11 +174,11 @@ CORRUPT: dict[str, tuple[Callable[[dict[str, Any]], str | bytes], str]] = {
     ),
     "a version entry without members": (
         _edit(lambda data: data["patches"]["Probe"]["versions"][VERSION].pop("members") and None),
-        "versions['9.9.9']: expected the keys members, patch_version, patch_version_from, vllm, found [",
+        "versions['9.9.9']: expected the keys members, patch_version, patch_version_from, surface, vllm, found [",
     ),
     "a version entry with an unknown key": (
         _set(("patches", "Probe", "versions", VERSION, "extra"), 1),
-        "versions['9.9.9']: expected the keys members, patch_version, patch_version_from, vllm, found [",
+        "versions['9.9.9']: expected the keys members, patch_version, patch_version_from, surface, vllm, found [",
     ),
     "the vLLM version a number": (
         _set(("patches", "Probe", "versions", VERSION, "vllm"), 9.9),
@@ -196,6 +199,27 @@ CORRUPT: dict[str, tuple[Callable[[dict[str, Any]], str | bytes], str]] = {
     "where the patch version came from null": (
         _set(("patches", "Probe", "versions", VERSION, "patch_version_from"), None),
         "versions['9.9.9'].patch_version_from: expected a string, found null",
+    ),
+    "a surface an array": (
+        _set(("patches", "Probe", "versions", VERSION, "surface"), []),
+        "versions['9.9.9'].surface: expected an object, found an array",
+    ),
+    "a surface without a part": (
+        _edit(lambda data: data["patches"]["Probe"]["versions"][VERSION]["surface"].pop("known") and None),
+        "versions['9.9.9'].surface: expected the keys complete, fields, known, members, overridden, siblings, state, "
+        "found [",
+    ),
+    "a surface state without its mode and more": (
+        _set(("patches", "Probe", "versions", VERSION, "surface", "state"), {"waiting": {"mode": "sorts"}}),
+        "versions['9.9.9'].surface.state['waiting']: expected the keys exists, mode, optional, found ['mode']",
+    ),
+    "a surface member whose source does not parse": (
+        _set(("patches", "Probe", "versions", VERSION, "surface", "members"), {"add": _SURFACE_MEMBER}),
+        "versions['9.9.9'].surface.members['add'].source: it does not parse",
+    ),
+    "a surface fingerprint a number": (
+        _set(("patches", "Probe", "versions", VERSION, "surface", "known", "schedule"), 1),
+        "versions['9.9.9'].surface.known['schedule']: expected a string, found a number",
     ),
     "a member name that is not one": (
         _edit(lambda data: data["patches"]["Probe"]["versions"][VERSION]["members"].update({"no name": _member(data)})),

@@ -117,6 +117,9 @@ TREE_A = {
 
             def peek(self):
                 return self.waiting[0] if self.waiting else None
+
+            def tally(self):
+                self.counter = len(self.waiting)
     """,
 }
 
@@ -205,6 +208,9 @@ TREE_B = _b(**{
 
             def peek(self):
                 return self.waiting[0] if self.waiting else None
+
+            def tally(self):
+                self.counter = len(self.waiting)
     """,
 })  # fmt: skip
 
@@ -215,7 +221,7 @@ PATCHES = {
 
 
         def snapshot(scheduler):
-            return len(scheduler.waiting) + len(getattr(scheduler, "holding", ()))
+            return len(scheduler.waiting) + len(getattr(scheduler, "holding", ())), scheduler.counter
 
 
         def ids(output):
@@ -331,6 +337,7 @@ def test_the_state_is_what_the_patch_and_its_helpers_read_and_write(patches: dic
         "waiting": ("read", False),
         "holding": ("read", True),  # getattr with a default
         "running": ("read", False),
+        "counter": ("read", False),
     }
 
 
@@ -340,7 +347,7 @@ def test_members_touching_the_state_follow_data_dependences(patches: dict[str, A
     assert policy is not None
     # The policy writes self.waiting: every member reading or writing it, in the target or its bases.
     assert {n for n, m in policy.members.items() if "waiting" in m.touches} == {
-        "__init__", "add", "counts", "gone_toucher", "peek",
+        "__init__", "add", "counts", "gone_toucher", "peek", "tally",
     }  # fmt: skip
     assert policy.members["peek"].touches == {"waiting": "read"}  # a subscript and a test read it
     assert policy.members["add"].touches["waiting"] == "write"  # a method called on it
@@ -524,17 +531,36 @@ def test_an_observer_is_not_alarmed_by_changes_to_code_that_writes_what_it_reads
         TREE_A["vllm/sched/scheduler.py"]
         .replace("self.waiting.append(request)", "self.waiting.insert(0, request)")
         .replace("self.waiting.clear()", "del self.waiting[:]")
+        .replace("self.counter = len(self.waiting)", "self.counter = len(self.waiting) + 1")
     )
     a = SourceTree(_write(tmp_path / "a", TREE_A))
     b = SourceTree(_write(tmp_path / "b", {**TREE_A, "vllm/sched/scheduler.py": changed}))
     findings = _compare(patches["load"]()["observer"], a, b)
-    assert {f.member: f.severity for f in findings} == {"add": "info", "gone_toucher": "info"}
+    assert {f.member: f.severity for f in findings} == {"add": "info", "gone_toucher": "info", "tally": "info"}
     assert _about(findings, "add").message == (
         "Scheduler.add, which writes self.waiting (the patch reads self.waiting), changed since A"
     )
+    # What tally reads of what the observer reads does not matter to it; what it writes does.
+    assert _about(findings, "tally").message == (
+        "Scheduler.tally, which writes self.counter (the patch reads self.counter), changed since A"
+    )
     # The same change under a policy that writes the queue is a warning.
     policy = {f.member: f.severity for f in _compare(patches["load"]()["policy"], a, b)}
-    assert policy == {"add": "warning", "gone_toucher": "warning"}
+    assert policy == {"add": "warning", "gone_toucher": "warning", "tally": "warning"}
+
+
+def test_a_patch_that_changed_since_its_lock_is_told_to_lock_again(patches: dict[str, Any], trees: Any) -> None:
+    # Locked when it only read the queue; it now reorders it: peek (unchanged in vLLM) reads it.
+    found = patches["load"]()
+    locked = compute_surface(found["observer"], trees[0])
+    now = compute_surface(found["policy"], trees[0])
+    assert locked is not None and now is not None
+    peek = _about(compare(locked, now, base_label="A", label="A", locked=True), "peek")
+    assert (peek.severity, peek.message) == (
+        "info",
+        "Scheduler.peek reads self.waiting (the patch writes self.waiting): the patch's use of it is not in the "
+        "surface of A (lock again to record it)",
+    )
 
 
 def test_nothing_changed_nothing_reported(patches: dict[str, Any], trees: Any) -> None:
@@ -614,7 +640,7 @@ def test_a_malformed_surface_is_refused_naming_the_key(
     assert str(caught.value).startswith(expected)
 
 
-def test_a_patch_without_source_on_disk_has_a_partial_surface(trees: Any) -> None:
+def test_a_patch_without_source_on_disk_has_a_partial_surface(patches: dict[str, Any], trees: Any) -> None:
     with isolated_registry():
         namespace: dict[str, Any] = {}
         exec(
@@ -624,9 +650,23 @@ def test_a_patch_without_source_on_disk_has_a_partial_surface(trees: Any) -> Non
             "        return self.waiting\n",
             namespace,
         )
-        surface = compute_surface(namespace["NoSource"], trees[0])
-    assert surface is not None and not surface.complete and surface.state == {}
-    assert compute_surface(namespace["NoSource"], SourceTree(Path("/nonexistent"))) is None
+        assert compute_surface(namespace["NoSource"], trees[0]) is None  # nothing to say
+        helper = patches["load"]()["policy"]
+        namespace["helper"] = helper
+        exec(
+            "class Mixed(VLLMPatch['vllm.sched.scheduler:Scheduler']):\n"
+            "    def add(self, request):\n"
+            "        return helper.original('add')(self, request)\n"
+            "    schedule = helper.schedule\n",
+            namespace,
+        )
+        surface = compute_surface(namespace["Mixed"], trees[0])
+    # Some of its code read: a surface, marked partial, and doctor says so.
+    assert surface is not None and not surface.complete and "waiting" in surface.state
+    assert compare(surface, surface, base_label="A", label="A", locked=True) == [
+        SurfaceFinding("info", "part of the patch's code has no source on disk: its surface is partial")
+    ]
+    assert compute_surface(helper, SourceTree(Path("/nonexistent"))) is None
 
 
 # -- the real vLLM 0.33.0 and 0.34.0 -----------------------------------------------------------
@@ -730,3 +770,104 @@ def test_real_removed_scheduler_output_fields_are_errors(
         "the patch reads _update_after_schedule(scheduler_output).scheduled_cached_reqs.resumed_req_ids "
         "(in Reader._update_after_schedule): CachedRequestData has no field 'resumed_req_ids' on vLLM 0.34.0"
     )
+
+
+# -- through the command: lock records the surface, doctor compares with it -----------------------
+
+POLICY_FILE = """
+from vllm_custom_patches import VLLMPatch
+
+
+def reorder(queue):
+    queue.sort(key=len)
+
+
+class Policy(VLLMPatch["vllm.sched.scheduler:Scheduler"]):
+    name = "Policy"
+
+    def schedule(self):
+        reorder(self.waiting)
+        if self.legacy:
+            pass
+        output = Policy.original("schedule")(self)
+        return output.old_field, output
+"""
+
+
+@pytest.fixture
+def command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, Path]:
+    """(vLLM 1.0.0 = TREE_A, vLLM 2.0.0 = TREE_B, the patch directory) for the command, run in this process;
+    the installed vLLM's version is 2.0.0, so only a lock or --baseline is a baseline."""
+    a = _write(tmp_path / "a", {**TREE_A, "vllm/_version.py": "__version__ = '1.0.0'\n"})
+    b = _write(tmp_path / "b", {**TREE_B, "vllm/_version.py": "__version__ = '2.0.0'\n"})
+    patches = _write(tmp_path / "patches", {"policy_file.py": POLICY_FILE})
+    monkeypatch.setenv("VLLM_CUSTOM_PATCHES_PATH", str(patches))
+    monkeypatch.setenv("VLLM_CUSTOM_PATCHES_VLLM_VERSION", "2.0.0")
+    for name in ("VLLM_CUSTOM_PATCHES", "VLLM_CUSTOM_PATCHES_LOCK_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    return a, b, patches
+
+
+def _main(args: list[str]) -> int:
+    from vllm_custom_patches._cli import main as cli
+
+    for name in [
+        n for n, m in sys.modules.items() if Path(getattr(m, "__file__", None) or "").name == "policy_file.py"
+    ]:
+        del sys.modules[name]  # a fresh process would import the patch file again
+    return cli.main(args)
+
+
+def _surface_findings(out: str) -> dict[str, str]:
+    return {f["member"]: f["severity"] for f in json.loads(out)["findings"] if f["check"] == "surface" and f["member"]}
+
+
+def test_lock_records_the_surface_and_doctor_holds_the_next_vllm_to_it(
+    command: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b, patches = command
+    assert _main(["lock", "Policy", "--vllm-source", str(a)]) == 0
+    assert "schedule and its dependency surface -> " in capsys.readouterr().out
+    entry = json.loads((patches / "policy_file.lock.json").read_text())["patches"]["Policy"]["versions"]["1.0.0"]
+    assert entry["surface"]["state"]["waiting"] == {"mode": "write", "optional": False, "exists": True}
+    assert _main(["doctor", "Policy", "--vllm-source", str(b), "--json"]) == 1
+    out = capsys.readouterr().out
+    # Locked: drift of the surface is an error, like drift of a locked member.
+    assert _surface_findings(out) == dict.fromkeys(
+        ["__init__", "_resort", "counts", "drain", "gone_toucher", "legacy", "old_field", "side", "unrelated"], "error"
+    )
+    report = json.loads(out)
+    assert "its dependency surface measured against vLLM 1.0.0 (locked)" in [f["message"] for f in report["findings"]]
+    assert any("Scheduler._resort is new since vLLM 1.0.0 (locked)" in e for e in report["patches"]["Policy"]["errors"])
+    assert _main(["doctor", "Policy", "--vllm-source", str(b)]) == 1
+    text = capsys.readouterr().out
+    assert "  ERROR   [surface] a sibling of self.waiting appeared: Scheduler creates self.side" in text
+    assert "      +    return len(self.running), len(self.waiting) + len(self.side)" in text  # the diff, indented
+    # The same vLLM as locked: nothing to say.
+    _main(["doctor", "Policy", "--vllm-source", str(a), "--json"])
+    same = capsys.readouterr().out
+    assert _surface_findings(same) == {} and json.loads(same)["patches"]["Policy"]["errors"] == []
+
+
+def test_against_a_baseline_vllm_surface_drift_is_a_warning(
+    command: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    a, b, _ = command
+    assert _main(["doctor", "Policy", "--vllm-source", str(b), "--baseline", str(a), "--json"]) == 1
+    found = _surface_findings(capsys.readouterr().out)
+    # What no longer exists is an error either way; the rest, unlocked, warnings.
+    assert {m for m, s in found.items() if s == "error"} == {"legacy", "old_field"}
+    assert {m for m, s in found.items() if s == "warning"} == {
+        "__init__", "_resort", "counts", "drain", "gone_toucher", "side", "unrelated",
+    }  # fmt: skip
+
+
+def test_without_a_baseline_doctor_says_the_surface_was_not_checked(patches: dict[str, Any], trees: Any) -> None:
+    from vllm_custom_patches._upgrade.doctor import check_patches
+    from vllm_custom_patches._upgrade.vllm_views import StaticView
+
+    policy = patches["load"]()["policy"]
+    view = StaticView(trees[1].root, "2.0.0")
+    (warning,) = [f for f in check_patches([policy], view, None) if f.check == "surface"]
+    assert warning.severity == "warning"
+    assert warning.message.startswith("no baseline for its dependency surface: semantic drift not checked (not locked")

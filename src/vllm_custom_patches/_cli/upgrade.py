@@ -505,6 +505,15 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _surface_of(patch_cls: Any, view: Any) -> dict[str, Any] | None:
+    """The patch's dependency surface on ``view``, as its lock records it; None where the target's source is not there."""
+    from .._upgrade.surface import compute_surface, surface_to_json, tree_of
+
+    tree = tree_of(view, patch_cls._vcp_spec.target_label)
+    surface = compute_surface(patch_cls, tree) if tree is not None else None
+    return surface_to_json(surface) if surface is not None else None
+
+
 def _lock(args: argparse.Namespace) -> int:
     from .._core.versions import release_of
     from .._upgrade.fingerprint import (
@@ -557,9 +566,11 @@ def _lock(args: argparse.Namespace) -> int:
                 locked[name] = LockedMember(fingerprint(original.source), original.defined_in, original.source)
         read_locks(spec.name, None if lock_dir else module_file, lock_dir)  # the file it goes to, if corrupt: refused
         patch = _patch_version(patch_cls)
-        planned.append((spec, path, lock_entry(locked, vllm=view.raw, patch=patch), locked, patch))
+        entry = lock_entry(locked, vllm=view.raw, patch=patch, surface=_surface_of(patch_cls, view))
+        planned.append((spec, path, entry, locked, patch))
     for spec, path, entry, locked, patch in planned:
         written = write_lock(path, spec.name, spec.target_label, view.version, entry)
         version = f"{spec.name} {patch.version}" if patch.version else f"{spec.name} (version unknown)"
-        print(f"locked {version} against {view.label}: {', '.join(sorted(locked)) or 'nothing'} -> {written}")
+        surface = " and its dependency surface" if "surface" in entry else ""
+        print(f"locked {version} against {view.label}: {', '.join(sorted(locked)) or 'nothing'}{surface} -> {written}")
     return 0

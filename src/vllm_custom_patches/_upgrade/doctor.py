@@ -19,6 +19,14 @@ against one that is not installed (see ``_vllm_views``):
   the author locked, a warning otherwise), parameters an original gained;
 * reach: subclasses in the target's package that override a patched member
   without calling ``super()`` (their instances never run the patch).
+* semantic drift (``surface``): the state of the target the patch's code
+  reads and writes, and the vLLM members (bases included) that touch it,
+  against the surface its lock records (drift is an error), else against the
+  baseline vLLM (a warning): members that newly touch it, changed (with a
+  diff) or are gone, a new attribute created like one the patch uses (a
+  sibling queue); an attribute or an annotated field the patch reads that no
+  longer exists is an error either way.
+
 
 Errors: missing target or member, a changed kind not marked
 ``@changes_kind``, incompatible signature, unresolvable
@@ -65,7 +73,7 @@ class Finding:
     """``error``, ``warning`` or ``info``."""
     check: str
     """plugin, setting, version, gate, target, member, kind, signature, conflict, moved, drift, reach, apply,
-    baseline."""
+    baseline, surface."""
     message: str
     patch: str = ""
     member: str = ""
@@ -298,6 +306,8 @@ def _check_one(
         found += _check_reach(spec.target, name, set(overridden), view)
     except TargetNotFound as exc:
         found.append(Finding("error", "target", f"its target is missing: {exc}", name))
+    if not any(f.check == "target" for f in found):
+        found += _check_surface(patch_cls, view, baseline, lock_dir)
     return out + _baseline_findings(name, overridden, named, unchecked) + found
 
 
@@ -365,6 +375,43 @@ def _baseline_findings(
                            "pass --baseline VERSION|PATH (the vLLM the patch was written for) or lock the patch",
                            patch, members=tuple(missing)))  # fmt: skip
     return out
+
+
+def _check_surface(
+    patch_cls: type[VLLMPatch[Any]], view: View, baseline: View | None, lock_dir: str | os.PathLike[str] | None
+) -> list[Finding]:
+    """Semantic drift: the patch's dependency surface (``surface``) on ``view`` against the one its lock
+    records (errors for drift), else against ``baseline`` (warnings); with neither, a warning says so."""
+    from .surface import compare, compute_surface, surface_from_json, tree_of
+
+    spec = patch_cls._vcp_spec
+    tree = tree_of(view, spec.target_label)
+    surface = compute_surface(patch_cls, tree) if tree is not None else None
+    if tree is None or surface is None:  # no target there (reported already), or no source of the patch's code
+        return []
+    locks = read_locks(spec.name, getattr(sys.modules.get(patch_cls.__module__), "__file__", None), lock_dir)
+    version = pick_version(locks, view.version)
+    base, label, locked = None, "", False
+    if version is not None and "surface" in locks[version].entry:
+        base = surface_from_json(locks[version].entry["surface"], spec.target_label)
+        label, locked = f"vLLM {version} (locked)", True
+    elif baseline is not None and baseline.version != view.version:
+        baseline_tree = tree_of(baseline, spec.target_label)
+        base = compute_surface(patch_cls, baseline_tree) if baseline_tree is not None else None
+        label = f"vLLM {baseline.version}"
+    if base is None:
+        if baseline is not None and baseline.version == view.version:
+            return []  # the same release: nothing to compare
+        why = f"the lock at vLLM {version} records none" if version is not None else "not locked"
+        return [Finding("warning", "surface", f"no baseline for its dependency surface: semantic drift not checked "
+                        f"({why}; no other vLLM to compare with): lock the patch again, or pass --baseline "
+                        "VERSION|PATH", spec.name)]  # fmt: skip
+    if set(base.members) - set(surface.members):  # what became of them
+        surface = compute_surface(patch_cls, tree, keep=base.members) or surface
+    found = compare(base, surface, base_label=label, label=f"vLLM {view.version}", locked=locked)
+    return [Finding("info", "surface", f"its dependency surface measured against {label}", spec.name)] + [
+        Finding(f.severity, "surface", f.message, spec.name, f.member, f.detail) for f in found
+    ]
 
 
 def _check_member(

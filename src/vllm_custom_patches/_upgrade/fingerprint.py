@@ -20,7 +20,12 @@ lock, the team's entry wins (:func:`read_locks`).  The format (2)::
     {"format": 2, "patches": {"<patch>": {"target": "module:Class", "versions": {
         "0.33.0": {"vllm": "0.33.0", "patch_version": "0.1.0",
                    "patch_version_from": "distribution vllm-custom-patches",
-                   "members": {"<member>": {"fingerprint": "...", "defined_in": "...", "source": "..."}}}}}}}
+                   "members": {"<member>": {"fingerprint": "...", "defined_in": "...", "source": "..."}},
+                   "surface": {...}}}}}}
+
+``surface`` (optional: locks written before it lack it) records the patch's
+dependency surface at that version, the baseline of ``doctor``'s semantic
+drift check (``surface``: its shape and meaning).
 
 A version key is the release the gates compare; ``vllm`` is the version as
 found (a dev build's full version); ``patch_version`` is the version of the
@@ -34,15 +39,14 @@ key to each entry adds it in both places.
 
 from __future__ import annotations
 
-import ast
-import hashlib
 import json
 import os
-import textwrap
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .static import fingerprint
 
 __all__ = [
     "LockFileError",
@@ -66,22 +70,6 @@ class LockFileError(ValueError):
 
 _FORMAT = 2
 _READABLE = (1, 2)
-
-
-def fingerprint(source: str) -> str:
-    """The fingerprint of one function (or class member) given as source text."""
-    tree = ast.parse(textwrap.dedent(source))
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if (
-            isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-            and body
-            and isinstance(body[0], ast.Expr)
-            and isinstance(body[0].value, ast.Constant)
-            and isinstance(body[0].value.value, str)
-        ):
-            node.body = body[1:] or [ast.Pass()]
-    return "sha256:" + hashlib.sha256(ast.dump(tree, include_attributes=False).encode()).hexdigest()[:24]
 
 
 @dataclass(frozen=True)
@@ -208,14 +196,21 @@ def _check_text(r: _Reader, value: object, key: str) -> None:
     r.text(value, key)
 
 
+def _check_surface(r: _Reader, value: object, key: str) -> None:
+    from .surface import check_surface_json
+
+    check_surface_json(value, key, r.bad)
+
+
 _ENTRY_KEYS: dict[str, Callable[[_Reader, Any, str], None]] = {
     "vllm": _check_text,  # and its release must be the key: checked in _load
     "patch_version": _check_text_or_null,
     "patch_version_from": _check_text,
     "members": _check_members,
+    "surface": _check_surface,
 }
 """Every key one version's entry (format 2) may hold, with its check."""
-_ENTRY_OPTIONAL: set[str] = set()
+_ENTRY_OPTIONAL: set[str] = {"surface"}
 """Keys of ``_ENTRY_KEYS`` an entry may lack (a key added after locks were written without it)."""
 
 
@@ -334,9 +329,16 @@ def pick_version(locked: Mapping[str, object], checked: str) -> str | None:
     return max(below, key=Version) if below else min(locked, key=Version)
 
 
-def lock_entry(members: Mapping[str, LockedMember], *, vllm: str, patch: PatchVersion) -> dict[str, Any]:
-    """One version's entry of a lock file, as :func:`write_lock` stores it (the keys ``_ENTRY_KEYS`` checks)."""
-    return {
+def lock_entry(
+    members: Mapping[str, LockedMember],
+    *,
+    vllm: str,
+    patch: PatchVersion,
+    surface: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One version's entry of a lock file, as :func:`write_lock` stores it (the keys ``_ENTRY_KEYS`` checks);
+    ``surface``: the patch's dependency surface (``surface.surface_to_json``), where it was computed."""
+    entry = {
         "vllm": vllm,
         "patch_version": patch.version,
         "patch_version_from": patch.source,
@@ -345,6 +347,9 @@ def lock_entry(members: Mapping[str, LockedMember], *, vllm: str, patch: PatchVe
             for name, m in sorted(members.items())
         },
     }
+    if surface is not None:
+        entry["surface"] = dict(surface)
+    return entry
 
 
 def write_lock(path: str | os.PathLike[str], patch: str, target: str, version: str, entry: dict[str, Any]) -> Path:

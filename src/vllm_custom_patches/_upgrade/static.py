@@ -31,6 +31,7 @@ __all__ = [
     "StaticClass",
     "StaticMember",
     "WheelError",
+    "fingerprint",
     "load_tree",
     "super_calls",
     "tree_version",

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import ast
 import difflib
+import functools
 import inspect
 import sys
 import types
@@ -76,6 +77,7 @@ __all__ = [
     "compute_surface",
     "surface_from_json",
     "surface_to_json",
+    "tree_of",
 ]
 
 READ, WRITE = "read", "write"
@@ -138,8 +140,9 @@ class Surface:
     """Access path (``_update_after_schedule(scheduler_output).num_scheduled_tokens``) -> its use."""
     overridden: frozenset[str] = frozenset()
     """The members the patch replaces (left to member drift)."""
-    known: frozenset[str] = frozenset()
-    """Every member name of the target's hierarchy: tells a new member from one that newly touches the state."""
+    known: Mapping[str, str] = field(default_factory=dict)
+    """Every member of the target's hierarchy -> its fingerprint: tells a new member from one that
+    newly touches the state, and a member that changed from a patch that changed."""
     complete: bool = True
     """False where some of the patch's code could not be read (its source is not on disk)."""
 
@@ -475,6 +478,10 @@ class _MemberFacts:
     def defined_in(self) -> str:
         return f"{self.owner.module}:{self.owner.qualname}"
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        return fingerprint(self.member.source)
+
 
 class _MemberWalker(_Walker):
     def __init__(self, facts: _MemberFacts, env: dict[str, Values]) -> None:
@@ -623,6 +630,8 @@ class _Record:
     fields: dict[str, FieldUse] = field(default_factory=dict)
     unread: list[str] = field(default_factory=list)
     """Functions whose source could not be read."""
+    read: int = 0
+    """Functions read."""
 
 
 class _Source:
@@ -715,6 +724,7 @@ class _PatchAnalysis:
         if node is None:
             self.record.unread.append(f"{func.__module__}.{where}")
             return set()
+        self.record.read += 1
         env = _bind(node, args, kwargs)
         if typed_params is not None:
             self._typed_parameters(node, typed_params, env, func)
@@ -897,11 +907,40 @@ class _PatchWalker(_Walker):
         return None
 
 
+# -- which source ---------------------------------------------------------------------------
+
+_INSTALLED: dict[Path, SourceTree] = {}
+
+
+def tree_of(view: object, target: str) -> SourceTree | None:
+    """The source a view of vLLM reads ``target`` (``module:Qual``) from: a static view's tree, or for
+    the installed vLLM the directory its top-level package is installed in, read the same way
+    (never imported); ``None`` where there is none."""
+    tree = getattr(view, "tree", None)
+    if isinstance(tree, SourceTree):
+        return tree
+    import importlib.util
+
+    top = target.partition(":")[0].partition(".")[0]
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or spec.origin is None or not spec.has_location:
+        return None
+    origin = Path(spec.origin)
+    root = origin.parent.parent if origin.name == "__init__.py" else origin.parent
+    if root not in _INSTALLED:
+        _INSTALLED[root] = SourceTree(root)
+    return _INSTALLED[root]
+
+
 # -- computing and comparing surfaces ------------------------------------------------------
 
 
 def compute_surface(patch_cls: type, tree: SourceTree, keep: Iterable[str] = ()) -> Surface | None:
-    """The surface of ``patch_cls`` against the vLLM in ``tree``; ``None`` where the target is not there.
+    """The surface of ``patch_cls`` against the vLLM in ``tree``; ``None`` where the target is not there, or
+    none of the patch's code has its source on disk.
 
     ``keep``: members to describe even where they do not touch the patch's state (those a
     baseline had), so that a comparison sees what became of them."""
@@ -912,6 +951,8 @@ def compute_surface(patch_cls: type, tree: SourceTree, keep: Iterable[str] = ())
     analysis = _PatchAnalysis(patch_cls, tree, target)
     analysis.run()
     record = analysis.record
+    if record.unread and not record.read:
+        return None  # no source on disk at all (code made by exec): nothing to say
     own = set(analysis.members)
     state = {
         attr: StateUse(_mode(use.modes), use.optional, target.has(attr), tuple(sorted(use.where)))
@@ -931,7 +972,7 @@ def compute_surface(patch_cls: type, tree: SourceTree, keep: Iterable[str] = ())
         weak = any(mode == WRITE for mode in touches.values())
         if strong or weak or name in keep:
             source = facts.member.source
-            members[name] = SurfaceMember(facts.defined_in, fingerprint(source), touches, called,
+            members[name] = SurfaceMember(facts.defined_in, facts.fingerprint, touches, called,
                                           source if strong or name in keep else None)  # fmt: skip
     siblings: dict[str, tuple[str, tuple[str, ...]]] = {}
     for attr in state:
@@ -945,7 +986,7 @@ def compute_surface(patch_cls: type, tree: SourceTree, keep: Iterable[str] = ())
         siblings,
         dict(sorted(record.fields.items())),
         overridden,
-        known=frozenset(target.members),
+        known={name: facts.fingerprint for name, facts in sorted(target.members.items())},
         complete=not record.unread,
     )
 
@@ -1032,6 +1073,11 @@ def compare(base: Surface, surface: Surface, *, base_label: str, label: str, loc
         elif old is None:
             if base.known and name not in base.known:
                 text = f"{cls}.{name} is new since {base_label}: it {_describe(new, state)}"
+            elif base.known.get(name) == new.fingerprint:
+                # vLLM's code is the same: the patch's use of the state changed since the baseline.
+                severity = "info"
+                text = (f"{cls}.{name} {_describe(new, state)}: the patch's use of it is not in the surface of "
+                        f"{base_label} (lock again to record it)")  # fmt: skip
             else:
                 text = f"{cls}.{name} now {_describe(new, state)} (it did not on {base_label})"
             out.append(SurfaceFinding(severity, text, name, new.source or ""))
@@ -1095,7 +1141,7 @@ def surface_to_json(surface: Surface) -> dict[str, Any]:
         "siblings": {a: {"call": call, "attributes": list(attrs)} for a, (call, attrs) in surface.siblings.items()},
         "fields": {p: {"owner": f.owner, "attr": f.attr, "exists": f.exists} for p, f in surface.fields.items()},
         "overridden": sorted(surface.overridden),
-        "known": sorted(surface.known),
+        "known": dict(surface.known),
         "complete": surface.complete,
     }
 
@@ -1112,7 +1158,7 @@ def surface_from_json(value: Mapping[str, Any], target: str) -> Surface:
         {a: (s["call"], tuple(s["attributes"])) for a, s in value["siblings"].items()},
         {p: FieldUse(f["owner"], f["attr"], f["exists"]) for p, f in value["fields"].items()},
         frozenset(value["overridden"]),
-        frozenset(value["known"]),
+        dict(value["known"]),
         value["complete"],
     )
 
@@ -1126,7 +1172,7 @@ _SHAPE: dict[str, Any] = {
     "siblings": ("map", {"call": str, "attributes": ["name"]}),
     "fields": ("map", {"owner": "label", "attr": "name", "exists": bool}, "path"),
     "overridden": ["name"],
-    "known": ["name"],
+    "known": ("map", str),
     "complete": bool,
 }
 
