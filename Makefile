@@ -23,11 +23,11 @@ setup: $(DEV_STAMP)
 vllm: setup
 	scripts/install-vllm.sh $(VENV)
 
-# The next vLLM release, as a wheel read statically by `doctor --vllm` (the
-# compatibility matrix of the catalogue is tested against it); not installed.
-VLLM_NEXT ?= 0.33.0
+# The vLLM releases after the installed one, as wheels read statically by `doctor --vllm`
+# (the compatibility matrix, the upgrade routine and the no-vLLM tests use them); not installed.
+VLLM_NEXT ?= 0.33.0 0.34.0
 vllm-next: setup
-	scripts/fetch-vllm-wheel.sh $(VENV) $(VLLM_NEXT)
+	for version in $(VLLM_NEXT); do scripts/fetch-vllm-wheel.sh $(VENV) $$version || exit 1; done
 
 demo: vllm
 	$(BIN)/python examples/scheduler_demo.py
