@@ -73,7 +73,7 @@ class Finding:
     """``error``, ``warning`` or ``info``."""
     check: str
     """plugin, setting, version, gate, target, member, kind, signature, conflict, moved, drift, reach, apply,
-    baseline, surface."""
+    baseline, surface, framework (an integration point of vLLM the framework itself uses: ``_upgrade.framework``)."""
     message: str
     patch: str = ""
     member: str = ""
@@ -195,7 +195,19 @@ def check_environment(environ: Mapping[str, str], view: View | None = None) -> l
         findings.append(Finding("error", "version", f"the installed vLLM's version {view.raw!r} ({view.source}) is "
                                 "not a PEP 440 version, so no gate can be checked: set "
                                 "VLLM_CUSTOM_PATCHES_VLLM_VERSION to the release it is built from, e.g. 0.32.0"))  # fmt: skip
+    if view is not None:
+        findings += _check_framework(view)
     return findings
+
+
+def _check_framework(view: View) -> list[Finding]:
+    """The vLLM integration points the framework itself relies on, in ``view``'s vLLM (``_upgrade.framework``)."""
+    from .framework import check_framework, installed_tree
+
+    tree = getattr(view, "tree", None) if not isinstance(view, InstalledView) else installed_tree()
+    if tree is None:
+        return []
+    return [Finding(p.severity, "framework", p.message, member=p.where) for p in check_framework(tree)]
 
 
 def _release(version: str) -> Any:
