@@ -453,3 +453,11 @@ def test_a_gate_that_stops_before_0_34_is_shown_and_refused_for_locking(no_vllm:
     assert "gated to vLLM <0.34,>=0.32, which excludes 0.34.0" in message and "--force" in message
     forced = _run(no_vllm, "lock", "OldPolicy", "--vllm", "0.34.0", "--lock-dir", locks, "--force", patches=patches)
     assert forced.returncode == 0, forced.stderr
+
+
+def test_without_pip_a_missing_wheel_is_one_line_saying_how_to_get_it(no_vllm: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    env = {"VLLM_CUSTOM_PATCHES_CACHE_DIR": str(cache), "PATH": str(tmp_path)}  # no pip in the venv, none on PATH
+    message = _refused(_run(no_vllm, "doctor", "--vllm", "9.9.9", env=env))
+    assert "no pip here to download the vllm 9.9.9 wheel with" in message, message
+    assert f"-d {cache} vllm==9.9.9' once, or pass --vllm-source WHEEL" in message, message

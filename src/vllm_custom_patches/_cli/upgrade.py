@@ -265,9 +265,14 @@ def _download(version: str, flag: str) -> Path:
 
     found = cached()
     if not found:
+        arguments = ["download", "--quiet", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+                     "--platform", "manylinux_2_28_x86_64", "-d", str(cache), f"vllm=={version}"]  # fmt: skip
+        pip = _pip()
+        if pip is None:  # a venv made without pip (uv, pipx): the wheel can still be put there by hand
+            raise _Usage(f"no pip here to download the vllm {version} wheel with: install pip, or run 'pip "
+                         f"{' '.join(arguments)}' once, or pass --vllm-source WHEEL")  # fmt: skip
         print(f"vllm-custom-patches: downloading the vllm {version} wheel into {cache} (once)", file=sys.stderr)
-        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                   "--python-version", "3.12", "--platform", "manylinux_2_28_x86_64", "-d", str(cache), f"vllm=={version}"]  # fmt: skip
+        command = [*pip, *arguments]
         try:
             result = subprocess.run(command, capture_output=True, text=True, check=False)
             said = ([line.strip() for line in result.stderr.splitlines() if line.strip()] or [""])[-1]
@@ -278,6 +283,17 @@ def _download(version: str, flag: str) -> Path:
             raise _Usage(f"could not download the vllm {version} wheel ({said[-300:] or 'pip said nothing'}): check "
                          "the version and the network, or fetch the wheel yourself and pass --vllm-source WHEEL")  # fmt: skip
     return found[-1]
+
+
+def _pip() -> list[str] | None:
+    """How to run pip: this interpreter's, else one on the PATH."""
+    import importlib.util
+    import shutil
+
+    if importlib.util.find_spec("pip") is not None:
+        return [sys.executable, "-m", "pip"]
+    found = shutil.which("pip3") or shutil.which("pip")
+    return [found] if found else None
 
 
 def _lock_dir(args: argparse.Namespace, *, made_by_lock: bool = False) -> Path | None:
