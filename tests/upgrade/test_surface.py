@@ -864,10 +864,26 @@ def test_against_a_baseline_vllm_surface_drift_is_a_warning(
 
 def test_without_a_baseline_doctor_says_the_surface_was_not_checked(patches: dict[str, Any], trees: Any) -> None:
     from vllm_custom_patches._upgrade.doctor import check_patches
+    from vllm_custom_patches._upgrade.fingerprint import PatchVersion, lock_entry, lock_path, write_lock
     from vllm_custom_patches._upgrade.vllm_views import StaticView
 
     policy = patches["load"]()["policy"]
-    view = StaticView(trees[1].root, "2.0.0")
-    (warning,) = [f for f in check_patches([policy], view, None) if f.check == "surface"]
-    assert warning.severity == "warning"
-    assert warning.message.startswith("no baseline for its dependency surface: semantic drift not checked (not locked")
+    a, b = StaticView(trees[0].root, "1.0.0"), StaticView(trees[1].root, "2.0.0")
+
+    def surface_findings(view: StaticView) -> list[tuple[str, str]]:
+        return [(f.severity, f.message) for f in check_patches([policy], view, None) if f.check == "surface"]
+
+    # Not locked, no baseline: the patch's warning that drift was not checked says it; the surface adds a note.
+    ((severity, message),) = surface_findings(b)
+    assert severity == "info" and message.startswith(
+        "no baseline for its dependency surface: semantic drift not checked (not locked;"
+    )
+    # Locked by a lock that records no surface (written before there was one): a warning of its own.
+    module_file = sys.modules[policy.__module__].__file__
+    assert module_file is not None
+    entry = lock_entry({}, vllm="1.0.0", patch=PatchVersion(None, "a test"))
+    write_lock(lock_path(module_file), "policy", TARGET, "1.0.0", entry)
+    ((severity, message),) = surface_findings(b)
+    assert severity == "warning" and "(the lock at vLLM 1.0.0 records none;" in message
+    # Checked on the release it was locked at: nothing can have drifted.
+    assert surface_findings(a) == []

@@ -27,7 +27,6 @@ against one that is not installed (see ``_vllm_views``):
   sibling queue); an attribute or an annotated field the patch reads that no
   longer exists is an error either way.
 
-
 Errors: missing target or member, a changed kind not marked
 ``@changes_kind``, incompatible signature, unresolvable
 ``_original_`` reference, conflict, a move, a locked member's changed code,
@@ -319,7 +318,8 @@ def _check_one(
     except TargetNotFound as exc:
         found.append(Finding("error", "target", f"its target is missing: {exc}", name))
     if not any(f.check == "target" for f in found):
-        found += _check_surface(patch_cls, view, baseline, lock_dir)
+        warned = any(member in unchecked for member in overridden)  # "no baseline: drift not checked"
+        found += _check_surface(patch_cls, view, baseline, lock_dir, warned=warned)
     return out + _baseline_findings(name, overridden, named, unchecked) + found
 
 
@@ -390,10 +390,16 @@ def _baseline_findings(
 
 
 def _check_surface(
-    patch_cls: type[VLLMPatch[Any]], view: View, baseline: View | None, lock_dir: str | os.PathLike[str] | None
+    patch_cls: type[VLLMPatch[Any]],
+    view: View,
+    baseline: View | None,
+    lock_dir: str | os.PathLike[str] | None,
+    *,
+    warned: bool = False,
 ) -> list[Finding]:
     """Semantic drift: the patch's dependency surface (``surface``) on ``view`` against the one its lock
-    records (errors for drift), else against ``baseline`` (warnings); with neither, a warning says so."""
+    records (errors for drift), else against ``baseline`` (warnings); with neither, a warning says so
+    (info where ``warned``: the patch's warning that it has no baseline at all says it already)."""
     from .surface import compare, compute_surface, surface_from_json, tree_of
 
     spec = patch_cls._vcp_spec
@@ -412,10 +418,11 @@ def _check_surface(
         base = compute_surface(patch_cls, baseline_tree) if baseline_tree is not None else None
         label = f"vLLM {baseline.version}"
     if base is None:
-        if baseline is not None and baseline.version == view.version:
-            return []  # the same release: nothing to compare
+        if version == view.version or (baseline is not None and baseline.version == view.version):
+            return []  # the release it was locked at or compared with: nothing can have drifted
         why = f"the lock at vLLM {version} records none" if version is not None else "not locked"
-        return [Finding("warning", "surface", f"no baseline for its dependency surface: semantic drift not checked "
+        severity = "info" if warned and version is None else "warning"
+        return [Finding(severity, "surface", f"no baseline for its dependency surface: semantic drift not checked "
                         f"({why}; no other vLLM to compare with): lock the patch again, or pass --baseline "
                         "VERSION|PATH", spec.name)]  # fmt: skip
     if set(base.members) - set(surface.members):  # what became of them
