@@ -11,6 +11,14 @@ class body gets an implicit ``__hash__ = None``), and patches add members to
 bases that patches on subclasses may then try to override.  A member of
 another kind than the one it replaces (a plain function over a static method,
 ...) is refused unless the patch marks it ``@changes_kind``.
+
+Patches are plain or stackable (issue 19), with an ``order`` and sometimes an
+exclusive token.  The model keeps each stack as the list of its applied
+layers: after every step the target shows the outermost layer (sorted by
+``(-order, name)``), ``_original_x`` holds the stack's base, each layer's
+``original(x)`` is the next layer inward (the base for the innermost), and
+``PatchManager.status()`` shows that chain; the order never depends on the
+order of the steps.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, initialize, invariant, rule
 
 from vllm_custom_patches import PatchConflictError, PatchManager, PatchTargetError, VLLMPatch, changes_kind
+from vllm_custom_patches._core.stacks import class_get
 from vllm_custom_patches.testing import NamespaceSnapshot, snapshot_namespace
 
 _EXISTING = ["m", "s", "c", "p", "__repr__", "__eq__", "attr"]
@@ -103,6 +112,9 @@ class PatchModel(RuleBasedStateMachine):
         self.applied: dict[str, tuple[type, dict[str, object]]] = {}  # name -> (target, old values)
         self.specs: dict[str, tuple[type, dict[str, object]]] = {}
         self.marked: dict[str, set[str]] = {}
+        self.composition: dict[str, tuple[bool, int, frozenset[str]]] = {}  # name -> (stackable, order, exclusive)
+        self.stacks: dict[tuple[type, str], list[str]] = {}  # (target, member) -> applied layers
+        self.stack_old: dict[tuple[type, str], object] = {}  # what the target held before the stack
 
     @rule(target=patches, data=st.data())
     def define(self, data: st.DataObject) -> str:
@@ -115,10 +127,49 @@ class PatchModel(RuleBasedStateMachine):
         }
         for n in marked:
             changes_kind(members[n])
-        type(name, (VLLMPatch[target],), dict(members))
+        stackable = data.draw(st.booleans(), label="stackable")
+        order = data.draw(st.sampled_from([0, 0, 1, -1]), label="order") if stackable else 0
+        exclusive = data.draw(st.sampled_from([frozenset(), frozenset(), frozenset(), frozenset({"x"})]), label="excl")
+        keywords: dict[str, Any] = {"stackable": True, "order": order} if stackable else {}
+        type(VLLMPatch)(name, (VLLMPatch[target],), dict(members), exclusive=exclusive, **keywords)
         self.specs[name] = (target, members)
         self.marked[name] = marked
+        self.composition[name] = (stackable, order, exclusive)
         return name
+
+    @rule(target=patches, data=st.data())
+    def define_layer(self, data: st.DataObject) -> str:
+        """A stackable patch on a member its target has, of the original's kind: stacks form often."""
+        if self.stacks and data.draw(st.booleans(), label="on a stack"):
+            target, member = data.draw(st.sampled_from(list(self.stacks)), label="stack")
+        else:
+            target = data.draw(st.sampled_from(self.classes), label="target")
+            present = [n for n in _EXISTING if self._lookup(target, n) is not _MISSING]
+            if not present:
+                return self.define(data)  # type: ignore[no-any-return]
+            member = data.draw(st.sampled_from(present), label="member")
+        stacked = (target, member) in self.stacks
+        original = self.expected[target][f"_original_{member}"] if stacked else self._lookup(target, member)
+        called = _called_as(original)
+        kinds = [kind for kind in _KINDS if called is None or _CALLED_AS[kind] == called] or ["function"]
+        # Names that do not sort in the order they are defined in, so that ties are broken by name.
+        name = f"{data.draw(st.sampled_from('xyz'), label='prefix')}Layer{next(_counter)}"
+        members = {member: _made_member(data.draw(st.sampled_from(kinds), label="kind"), f"{name}.{member}")}
+        order = data.draw(st.sampled_from([0, 0, 1, -1]), label="order")
+        type(VLLMPatch)(name, (VLLMPatch[target],), dict(members), stackable=True, order=order)
+        self.specs[name] = (target, members)
+        self.marked[name] = set()
+        self.composition[name] = (True, order, frozenset())
+        if data.draw(st.booleans(), label="apply now"):
+            self.apply(name)
+        return name
+
+    def _layers(self, key: tuple[type, str]) -> list[str]:
+        """The applied layers of a stack, outermost first."""
+        return sorted(self.stacks[key], key=lambda layer: (-self.composition[layer][1], layer))
+
+    def _top(self, key: tuple[type, str]) -> object:
+        return self.specs[self._layers(key)[0]][1][key[1]]
 
     def _lookup(self, cls: type, name: str) -> object:
         for klass in cls.__mro__:
@@ -144,7 +195,14 @@ class PatchModel(RuleBasedStateMachine):
         if name in self.applied:
             assert PatchManager.apply(name) is False
             return
-        overrides = {n: self._lookup(target, n) for n in members if self._lookup(target, n) is not _MISSING}
+        stackable, _, exclusive = self.composition[name]
+
+        def original(n: str) -> object:  # a stacked member is judged against the stack's base
+            if (target, n) in self.stacks:
+                return self.expected[target][f"_original_{n}"]
+            return self._lookup(target, n)
+
+        overrides = {n: original(n) for n in members if original(n) is not _MISSING}
         kinds = {n: (_called_as(original), _called_as(members[n])) for n, original in overrides.items()}
         if any(None not in pair and pair[0] != pair[1] and n not in self.marked[name] for n, pair in kinds.items()):
             try:  # planning refuses it before looking for conflicts
@@ -153,12 +211,19 @@ class PatchModel(RuleBasedStateMachine):
                 assert "@changes_kind" in str(exc)
                 return
             raise AssertionError(f"{name} should have been refused for changing a member's kind")
-        touched = [*members, *(f"_original_{n}" for n in overrides)]
+        stacked = set(overrides) if stackable else set()
+        joins = {n for n in overrides if (target, n) in self.stacks}
+        own = [n for n in members if n not in stacked]  # set on the target by this patch alone
+        touched = [*own, *(f"_original_{n}" for n in overrides if n not in stacked)]
+        new_originals = [f"_original_{n}" for n in overrides if n not in joins]
         conflict = (
-            any((target, n) in self.owner for n in touched)
+            any(exclusive & self.composition[other][2] for other in self.applied)
+            or (bool(joins) and not stackable)
+            or any((target, n) in self.owner for n in [*touched, *new_originals, *(stacked - joins)])
             or any(f"_original_{n}" in self.expected[c] for n in overrides for c in self._related(target))
-            # the original would be a member another patch set on a base: stacking
-            or any((self._holder(target, n), n) in self.owner for n in overrides)
+            # the original would be a member another patch (or a stack) set on a base: stacking across classes
+            or any((self._holder(target, n), n) in self.owner for n in set(overrides) - joins)
+            or any((self._holder(target, n), n) in self.stacks for n in set(overrides) - joins)
         )
         if conflict:
             try:
@@ -169,9 +234,17 @@ class PatchModel(RuleBasedStateMachine):
         assert PatchManager.apply(name) is True
         namespace = self.expected[target]
         old = {n: namespace.get(n, _MISSING) for n in touched}
-        for n, original in overrides.items():
-            namespace[f"_original_{n}"] = original
-        namespace.update(members)
+        for n, original_value in overrides.items():
+            if n in stacked:
+                if n not in joins:
+                    self.stacks[(target, n)] = []
+                    self.stack_old[(target, n)] = namespace.get(n, _MISSING)
+                    namespace[f"_original_{n}"] = original_value
+                self.stacks[(target, n)].append(name)
+                namespace[n] = self._top((target, n))
+            else:
+                namespace[f"_original_{n}"] = original_value
+        namespace.update({n: members[n] for n in own})
         for n in touched:
             self.owner[(target, n)] = name
         self.applied[name] = (target, old)
@@ -184,6 +257,20 @@ class PatchModel(RuleBasedStateMachine):
             else:
                 self.expected[target][n] = value
             del self.owner[(target, n)]
+        namespace = self.expected[target]
+        for key in [key for key, layers in self.stacks.items() if name in layers]:
+            self.stacks[key].remove(name)
+            member = key[1]
+            if self.stacks[key]:
+                namespace[member] = self._top(key)
+                continue
+            del self.stacks[key]
+            before = self.stack_old.pop(key)
+            del namespace[f"_original_{member}"]
+            if before is _MISSING:
+                namespace.pop(member, None)
+            else:
+                namespace[member] = before
 
     @rule(name=patches)
     def rollback(self, name: str) -> None:
@@ -211,6 +298,24 @@ class PatchModel(RuleBasedStateMachine):
             for key, value in expected.items():
                 assert actual[key] is value, (cls.__name__, key)
         assert sorted(PatchManager.applied()) == sorted(self.applied)
+
+    @invariant()
+    def chains_match_the_model(self) -> None:
+        if not hasattr(self, "classes"):
+            return
+        shown = {line for record in PatchManager.status() for line in record.stacks}
+        expected_lines = set()
+        for target, member in self.stacks:
+            layers = self._layers((target, member))
+            labels = [layer if self.composition[layer][1] == 0 else f"{layer} (order {self.composition[layer][1]})"
+                      for layer in layers]  # fmt: skip
+            expected_lines.add(f"{target.__qualname__}.{member}: " + " \u2192 ".join([*labels, "original"]))
+            base = self.expected[target][f"_original_{member}"]
+            nexts = [self.specs[layer][1][member] for layer in layers[1:]] + [base]
+            for layer, inner in zip(layers, nexts, strict=True):
+                got, want = PatchManager.get(layer).original(member), class_get(inner, target)
+                assert got is want or got == want, (layer, member, got, want)
+        assert shown == expected_lines
 
     def teardown(self) -> None:
         PatchManager.rollback_all()

@@ -80,6 +80,10 @@ def test_status_as_dict_is_json_ready(monkeypatch: pytest.MonkeyPatch) -> None:
         "additions": ["extra"],
         "versions": ">=0.10",
         "description": "Doc.",
+        "stackable": False,
+        "order": 0,
+        "exclusive": [],
+        "stacks": [],
     }
 
 

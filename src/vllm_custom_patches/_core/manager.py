@@ -101,6 +101,9 @@ class PatchManager:
     def status(cls) -> list[PatchStatus]:
         """One record per registered patch, in order of registration.
 
+        A layer of a stack carries the stack's chain (``stacks``), outermost
+        layer first, ending at vLLM's original.
+
         Never imports anything: overrides and additions of a patch that is not
         applied are shown only when its target's module is already imported.
         """
@@ -111,9 +114,11 @@ class PatchManager:
                 spec = patch_cls._vcp_spec
                 gate = patch_cls._vcp_gate
                 applied = reg.applied.get(name)
+                stacks: tuple[str, ...] = ()
                 if applied is not None:
                     state, reason = PatchState.APPLIED, ""
                     overrides, additions = applied.overrides, applied.additions
+                    stacks = tuple(reg.stacks[(applied.target, member)].describe() for member in applied.stacked)
                 else:
                     state, reason = reg.outcomes.get(name, (PatchState.AVAILABLE, ""))
                     overrides, additions = _preview(spec)
@@ -127,6 +132,10 @@ class PatchManager:
                         additions=additions,
                         versions=str(gate) if gate is not None else "",
                         description=spec.description,
+                        stackable=spec.stackable,
+                        order=spec.order,
+                        exclusive=tuple(sorted(spec.exclusive)),
+                        stacks=stacks,
                     )
                 )
             return records

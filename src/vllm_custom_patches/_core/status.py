@@ -42,6 +42,14 @@ class PatchStatus:
     versions: str = ""
     """The vLLM version gate, as a PEP 440 specifier set; empty if none."""
     description: str = ""
+    stackable: bool = False
+    order: int = 0
+    """Its place in a stack (higher is outer); meaningful only when ``stackable``."""
+    exclusive: tuple[str, ...] = ()
+    """Tokens that no other applied patch may declare too."""
+    stacks: tuple[str, ...] = ()
+    """While applied, each stack it is a layer of, as a chain outermost first:
+    ``"Scheduler.schedule: admission_log (order 10) → shortest_prompt_first → vLLM"``."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -53,4 +61,8 @@ class PatchStatus:
             "additions": list(self.additions),
             "versions": self.versions,
             "description": self.description,
+            "stackable": self.stackable,
+            "order": self.order,
+            "exclusive": list(self.exclusive),
+            "stacks": list(self.stacks),
         }
