@@ -290,7 +290,7 @@ def _check_one(
                 return out
             out.append(Finding("error", "gate", f"excluded by its gate ({gate}) on vLLM {view.version}: start-up "
                                "fails there, since it is selected by name", name))  # fmt: skip
-    refs, named, unchecked = _baseline(patch_cls, view, baseline, lock_dir)
+    refs, named, unchecked, lock = _baseline(patch_cls, view, baseline, lock_dir)
     overridden: list[str] = []
     found: list[Finding] = []
     try:
@@ -319,16 +319,16 @@ def _check_one(
         found.append(Finding("error", "target", f"its target is missing: {exc}", name))
     if not any(f.check == "target" for f in found):
         warned = any(member in unchecked for member in overridden)  # "no baseline: drift not checked"
-        found += _check_surface(patch_cls, view, baseline, lock_dir, warned=warned)
+        found += _check_surface(patch_cls, view, baseline, lock, warned=warned)
     return out + _baseline_findings(name, overridden, named, unchecked) + found
 
 
 def _baseline(
     patch_cls: type[VLLMPatch[Any]], view: View, baseline: View | None, lock_dir: str | os.PathLike[str] | None
-) -> tuple[dict[str, _Reference], dict[str, str], dict[str, str]]:
+) -> tuple[dict[str, _Reference], dict[str, str], dict[str, str], LockedVersion | None]:
     """Per member, what the checked vLLM is compared with: the lock for the members locked, else
-    ``baseline``.  Returns the references, what each member's baseline is called, and for the
-    members without one why not."""
+    ``baseline``.  Returns the references, what each member's baseline is called, for the
+    members without one why not, and the lock entry used (its surface is the surface's baseline)."""
     from .signatures import signature_from_ast
 
     spec = patch_cls._vcp_spec
@@ -365,7 +365,7 @@ def _baseline(
                 named[name] = baseline.label
         except TargetNotFound as exc:
             unchecked.update({name: f"not in {baseline.label}: {exc}" for name in rest if name not in named})
-    return refs, named, unchecked
+    return refs, named, unchecked, locks[version] if version is not None else None
 
 
 def _baseline_findings(
@@ -393,11 +393,11 @@ def _check_surface(
     patch_cls: type[VLLMPatch[Any]],
     view: View,
     baseline: View | None,
-    lock_dir: str | os.PathLike[str] | None,
+    lock: LockedVersion | None,
     *,
     warned: bool = False,
 ) -> list[Finding]:
-    """Semantic drift: the patch's dependency surface (``surface``) on ``view`` against the one its lock
+    """Semantic drift: the patch's dependency surface (``surface``) on ``view`` against the one ``lock``
     records (errors for drift), else against ``baseline`` (warnings); with neither, a warning says so
     (info where ``warned``: the patch's warning that it has no baseline at all says it already)."""
     from .surface import compare, compute_surface, surface_from_json, tree_of
@@ -407,11 +407,10 @@ def _check_surface(
     surface = compute_surface(patch_cls, tree) if tree is not None else None
     if tree is None or surface is None:  # no target there (reported already), or no source of the patch's code
         return []
-    locks = read_locks(spec.name, getattr(sys.modules.get(patch_cls.__module__), "__file__", None), lock_dir)
-    version = pick_version(locks, view.version)
+    version = lock.version if lock is not None else None
     base, label, locked = None, "", False
-    if version is not None and "surface" in locks[version].entry:
-        base = surface_from_json(locks[version].entry["surface"], spec.target_label)
+    if lock is not None and "surface" in lock.entry:
+        base = surface_from_json(lock.entry["surface"], spec.target_label)
         label, locked = f"vLLM {version} (locked)", True
     elif baseline is not None and baseline.version != view.version:
         baseline_tree = tree_of(baseline, spec.target_label)
