@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _vllm_trees import add_framework
 
 from vllm_custom_patches._cli import main as _cli
 from vllm_custom_patches._upgrade.fingerprint import (
@@ -50,6 +51,7 @@ def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
     (src / "vllm/__init__.py").write_text("")
     (src / "vllm/_version.py").write_text(f"__version__ = version = {VERSION!r}\n")
     (src / "vllm/sched.py").write_text("class Scheduler:\n    def schedule(self, budget):\n        return budget\n")
+    add_framework(src)  # a whole vLLM to doctor, so that only the lock can be at fault
     patches = tmp_path / "patches"
     patches.mkdir()
     (patches / "probe.py").write_text(textwrap.dedent(PATCH))

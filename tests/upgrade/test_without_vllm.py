@@ -21,6 +21,7 @@ from typing import Any
 
 import _novllm
 import pytest
+from _vllm_trees import add_framework
 
 SCHED_V1 = """
 class Base:
@@ -83,12 +84,13 @@ class Broken(VLLMPatch["vllm.sched:Scheduler"]):
 
 
 def _tree(root: Path, version: str | None, sched: str = SCHED_V1) -> Path:
+    """A vLLM with a ``Scheduler`` in ``vllm/sched.py`` (and the framework's integration points)."""
     (root / "vllm").mkdir(parents=True)
     (root / "vllm/__init__.py").write_text("")
     (root / "vllm/sched.py").write_text(sched)
     if version is not None:
         (root / "vllm/_version.py").write_text(f"__version__ = version = {version!r}\n")
-    return root
+    return add_framework(root)
 
 
 def _patches(root: Path, **files: str) -> Path:
@@ -179,10 +181,10 @@ def test_a_trees_version_comes_from_the_tree_or_is_named_with_vllm(no_vllm: Path
 def test_the_version_override_never_makes_vllm_import_vllm(no_vllm: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     cache.mkdir()
+    tree = _tree(tmp_path / "release", "9.9.9")
     with zipfile.ZipFile(cache / "vllm-9.9.9-py3-none-any.whl", "w") as wheel:  # a cached 'release'
-        wheel.writestr("vllm/__init__.py", "")
-        wheel.writestr("vllm/_version.py", "__version__ = '9.9.9'\n")
-        wheel.writestr("vllm/sched.py", SCHED_V1)
+        for file in tree.rglob("*.py"):
+            wheel.write(file, file.relative_to(tree).as_posix())
     patches = _patches(tmp_path / "patches", wrap=WRAP)
     env = {"VLLM_CUSTOM_PATCHES_CACHE_DIR": str(cache), "VLLM_CUSTOM_PATCHES_VLLM_VERSION": "9.9.9"}
     report = _report(_run(no_vllm, "doctor", "Wrap", "--vllm", "9.9.9", "--json", patches=patches, env=env), 0)
