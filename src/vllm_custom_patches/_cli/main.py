@@ -27,6 +27,7 @@ from typing import Any, NoReturn, TextIO
 from .._core.errors import PatchError
 from .._core.manager import PatchManager
 from .._core.patch import VLLMPatch
+from .._core.stacks import preview_chains
 from .._core.versions import detect_vllm_version
 from .._runtime.discovery import ENV_PATH, find_entry_points, load_path
 from .._runtime.selection import ENV_PATCHES, parse_selection
@@ -45,6 +46,12 @@ class _Row:
     overrides: list[str] = field(default_factory=list)
     additions: list[str] = field(default_factory=list)
     description: str = ""
+    stackable: bool = False
+    order: int = 0
+    exclusive: list[str] = field(default_factory=list)
+    stacks: list[str] = field(default_factory=list)
+    """Each stack the patch is a layer of: after check, as applied; in list, the visible stackable
+    patches' stacks on members known to be overrides (targets already imported)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -229,6 +236,7 @@ def _describe(row: _Row, patch_cls: type[VLLMPatch[Any]]) -> None:
     row.target = spec.target_label
     row.versions = str(gate) if gate is not None else ""
     row.description = spec.description.split("\n")[0]
+    row.stackable, row.order, row.exclusive = spec.stackable, spec.order, sorted(spec.exclusive)
 
 
 def _list(import_modules: bool) -> list[_Row]:
@@ -245,6 +253,12 @@ def _list(import_modules: bool) -> list[_Row]:
         else:
             row.result = "not imported"
         rows.append(row)
+    specs = [found._vcp_spec for found in loaded.values() if not isinstance(found, PatchError)]
+    # Overrides are known only where the target's module is imported already (status never imports).
+    overrides = {status.name: status.overrides for status in PatchManager.status()}
+    chains = preview_chains(specs, lambda spec: overrides.get(spec.name, ()))
+    for row in rows:
+        row.stacks = chains.get(row.name, [])
     return rows
 
 
@@ -281,6 +295,11 @@ def _check(names: list[str]) -> list[_Row]:
             (status,) = [s for s in PatchManager.status() if s.name == patch_cls.name]
             row.result = "ok"
             row.overrides, row.additions = list(status.overrides), list(status.additions)
+    # The stacks as the whole checked set forms them, once every patch had its turn.
+    stacks = {status.name: list(status.stacks) for status in PatchManager.status()}
+    for row in rows:
+        if row.result == "ok":
+            row.stacks = stacks.get(row.name, [])
     return rows
 
 
@@ -300,10 +319,16 @@ def _print_table(rows: list[_Row]) -> None:
                 parts.append("overrides " + ", ".join(row.overrides))
             if row.additions:
                 parts.append("adds " + ", ".join(row.additions))
+            if row.stackable:
+                parts.append("stackable" + (f" (order {row.order})" if row.order else ""))
+            if row.exclusive:
+                parts.append("exclusive " + ", ".join(row.exclusive))
             detail = "; ".join(parts)
         print(f"{row.name:<{width}}  {row.result.upper():<12}  {row.source}")
         if detail:
             print(f"{'':<{width}}  {detail}")
+        for line in row.stacks:
+            print(f"{'':<{width}}  stack {line}")
     failed = sum(row.result == "failed" for row in rows)
     print(f"{len(rows)} patch(es), {failed} failed")
 

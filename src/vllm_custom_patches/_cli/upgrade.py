@@ -502,6 +502,7 @@ def _show(args: argparse.Namespace) -> int:
                      "versions": sorted(locks)}  # fmt: skip
     info = {"name": spec.name, "target": spec.target_label, "gate": str(patch_cls._vcp_gate or ""),
             "vllm": view.label, "description": spec.description, "lock": lock_info, "members": members}  # fmt: skip
+    info.update(_composition(spec, {m["member"] for m in members if m["kind"] == "override"}))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -514,6 +515,12 @@ def _show(args: argparse.Namespace) -> int:
               f"{locked.patch.source}); locked versions: {', '.join(sorted(locks))}")  # fmt: skip
     else:
         print("  lock: none")
+    if spec.stackable or spec.exclusive:
+        order = f" (order {spec.order})" if spec.order else ""
+        print(f"  {'stackable' + order if spec.stackable else 'not stackable'}"
+              f"{'; exclusive ' + ', '.join(info['exclusive']) if spec.exclusive else ''}")  # fmt: skip
+    for line in info["stacks"]:
+        print(f"  stack {line}")
     for m in members:
         print(f"  {m['member']} ({m['kind']}{', ' + m['fingerprint'] if m['fingerprint'] else ''})")
         if m["original"]:
@@ -521,6 +528,19 @@ def _show(args: argparse.Namespace) -> int:
         if m["override"]:
             print(f"      override  {m['override']}")
     return 0
+
+
+def _composition(spec: Any, overridden: set[str]) -> dict[str, Any]:
+    """How the patch composes: its keywords, and the stacks it would form with every stackable patch selected."""
+    from .._core.stacks import preview_chains
+
+    others, _, _ = _patches([])
+    specs = [spec, *(other._vcp_spec for other in others if other._vcp_spec.name != spec.name)]
+    chains = preview_chains(
+        specs, lambda each: [m for m in each.members if m in overridden and each.target_label == spec.target_label]
+    )
+    return {"stackable": spec.stackable, "order": spec.order, "exclusive": sorted(spec.exclusive),
+            "stacks": chains.get(spec.name, [])}  # fmt: skip
 
 
 def _surface_of(patch_cls: Any, view: Any) -> dict[str, Any] | None:

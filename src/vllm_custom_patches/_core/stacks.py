@@ -28,13 +28,14 @@ layer still applied inward of it, until those calls return.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from .inflight import Lingerers
-from .spec import Originals
+from .spec import Originals, PatchSpec
 
-__all__ = ["Layer", "Stack", "class_get", "relink"]
+__all__ = ["Layer", "Stack", "chain_line", "class_get", "preview_chains", "relink"]
 
 
 def class_get(raw: object, owner: type) -> object:
@@ -60,7 +61,46 @@ class Layer:
 
     @property
     def label(self) -> str:
-        return self.patch if self.order == 0 else f"{self.patch} (order {self.order})"
+        return _label(self.patch, self.order)
+
+
+def _label(patch: str, order: int) -> str:
+    return patch if order == 0 else f"{patch} (order {order})"
+
+
+def _base_label(module: str) -> str:
+    return "vLLM" if module == "vllm" or module.startswith("vllm.") else "original"
+
+
+def chain_line(member_label: str, layers: Iterable[tuple[str, int]], module: str) -> str:
+    """``Scheduler.schedule: admission_log (order 10) → shortest_prompt_first → vLLM``.
+
+    ``layers`` are ``(patch name, order)`` in any order; ``module`` is the
+    target's, which names the base ("vLLM" for a vLLM class).
+    """
+    ordered = sorted(layers, key=lambda layer: (-layer[1], layer[0]))
+    return f"{member_label}: " + " \u2192 ".join([*(_label(*layer) for layer in ordered), _base_label(module)])
+
+
+def preview_chains(specs: Iterable[PatchSpec], overrides: Callable[[PatchSpec], Iterable[str]]) -> dict[str, list[str]]:
+    """For each stackable patch among ``specs``: the stacks it would be a layer of if all of them were applied.
+
+    ``overrides(spec)`` names the members that replace one of the target's
+    (only the caller can tell, from an imported or a statically read vLLM).
+    Conflicts are not judged here; the chains are what the order rule gives.
+    """
+    stackable = [spec for spec in specs if spec.stackable]
+    members: dict[tuple[str, str], list[PatchSpec]] = {}
+    for spec in stackable:
+        for member in overrides(spec):
+            members.setdefault((spec.target_label, member), []).append(spec)
+    out: dict[str, list[str]] = {spec.name: [] for spec in stackable}
+    for (target, member), layers in sorted(members.items()):
+        module, _, qualname = target.partition(":")
+        line = chain_line(f"{qualname}.{member}", [(spec.name, spec.order) for spec in layers], module)
+        for spec in layers:
+            out[spec.name].append(line)
+    return out
 
 
 @dataclass(frozen=True)
@@ -98,15 +138,10 @@ class Stack:
     def member_label(self) -> str:
         return f"{self.target.__qualname__}.{self.name}"
 
-    def chain(self) -> list[str]:
-        """The layers outermost first, then the base: ``['admission_log (order 10)', 'spf', 'vLLM']``."""
-        module = getattr(self.holder, "__module__", "") or ""
-        base = "vLLM" if module == "vllm" or module.startswith("vllm.") else "original"
-        return [*(layer.label for layer in self.layers), base]
-
     def describe(self) -> str:
         """``Scheduler.schedule: admission_log (order 10) → shortest_prompt_first → vLLM``."""
-        return f"{self.member_label}: " + " \u2192 ".join(self.chain())
+        layers = [(layer.patch, layer.order) for layer in self.layers]
+        return chain_line(self.member_label, layers, getattr(self.holder, "__module__", "") or "")
 
 
 def relink(stacks: dict[tuple[type, str], Stack], lingerers: Lingerers, target: type, name: str) -> None:

@@ -68,12 +68,15 @@ def process_record(
     from .._core.manager import PatchManager
     from .._env import ENV_PATCHES
 
+    statuses = PatchManager.status()
     return {
         **_identity(role, dp_rank, tp_rank, pp_rank),
         "selection": os.environ.get(ENV_PATCHES, ""),
         "applied": PatchManager.applied(),
         # Without the docstrings: this is sent once per process on every status request.
-        "patches": [{k: v for k, v in s.as_dict().items() if k != "description"} for s in PatchManager.status()],
+        "patches": [{k: v for k, v in s.as_dict().items() if k != "description"} for s in statuses],
+        # Each stacked member's chain in this process, outermost layer first (each layer's record has it too).
+        "stacks": sorted({line for status in statuses for line in status.stacks}),
         "error": None,
     }
 

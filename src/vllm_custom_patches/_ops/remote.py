@@ -182,7 +182,7 @@ def _no_answer(url: str, method: str, endpoint: str, exc: BaseException, timeout
 _NUMBER = (int, float)
 _STATUS_SHAPE: dict[str, Any] = {
     "consistent": bool,
-    "processes": [{"?applied": [str], "?patches": [{"name": str, "state": object}]}],
+    "processes": [{"?applied": [str], "?patches": [{"name": str, "state": object}], "?stacks": [str]}],
     "?inconsistencies": [
         {"patch": str, "role": object, "applied_in": object, "missing_in": [{"description": object, "why": object}]}
     ],
@@ -377,6 +377,16 @@ def print_status(report: Mapping[str, Any], out: TextIO) -> None:
     for row in [header, *rows]:
         print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip(), file=out)
     print(file=out)
+    # Each stack's chain, and how many processes have it so: a chain that differs between
+    # processes shows as two lines.
+    chains: dict[str, list[str]] = {}
+    for process in processes:
+        for line in process.get("stacks", []):
+            chains.setdefault(str(line), []).append(describe_process(process))
+    for line, where in sorted(chains.items()):
+        print(f"stack  {line}   ({len(where)} process(es))", file=out)
+    if chains:
+        print(file=out)
     for issue in report.get("inconsistencies", []):
         for missing in issue["missing_in"]:
             print(
