@@ -29,6 +29,7 @@ from benchmarks._common import RESULTS_DIR, ROOT, RunOptions, SectionResult, mac
 SECTIONS: dict[str, str] = {
     # name -> module in this package, in the order they run.
     "percall": "benchmarks.percall",
+    "stacks": "benchmarks.stacks",
     "throughput": "benchmarks.throughput",
     "startup": "benchmarks.startup",
     "engine": "benchmarks.engine",
