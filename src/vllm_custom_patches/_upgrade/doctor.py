@@ -48,6 +48,7 @@ from typing import Any
 from .._core.graft import is_override_marked
 from .._core.kinds import describe_change, describe_kind, kind_change, member_kind
 from .._core.patch import VLLMPatch
+from .._core.stacks import preview_chains
 from .._core.targets import target_label
 from .fingerprint import LockedVersion, fingerprint, pick_version, read_locks
 from .vllm_views import InstalledView, Original, TargetNotFound, View, function_signature
@@ -71,8 +72,9 @@ class Finding:
     severity: str
     """``error``, ``warning`` or ``info``."""
     check: str
-    """plugin, setting, version, gate, target, member, kind, signature, conflict, moved, drift, reach, apply,
-    baseline, surface, framework (an integration point of vLLM the framework itself uses: ``_upgrade.framework``)."""
+    """plugin, setting, version, gate, target, member, kind, signature, conflict, stack (info: a stack the
+    selected patches form), moved, drift, reach, apply, baseline, surface, framework (an integration
+    point of vLLM the framework itself uses: ``_upgrade.framework``)."""
     message: str
     patch: str = ""
     member: str = ""
@@ -524,23 +526,46 @@ def _first_def(source: str) -> Any:
 def _check_conflicts(patches: Sequence[type[VLLMPatch[Any]]], view: View) -> list[Finding]:
     if isinstance(view, InstalledView):
         return _apply_each(patches)
+
+    def overrides(spec: Any) -> list[str]:
+        try:
+            return [member for member in spec.members if view.member(spec.target, spec.name, member) is not None]
+        except TargetNotFound:
+            return []  # reported by the target check
+
     # As the manager would refuse them, applying in order: a patch that
     # conflicts is not applied, so it owns nothing for the ones after it.
     owners: dict[tuple[str, str], str] = {}
+    tokens: dict[str, str] = {}  # exclusive token -> the patch that declared it
+    stackable: set[str] = set()
+    kept = []
     out = []
     for patch_cls in patches:
         spec = patch_cls._vcp_spec
+        shared = sorted(token for token in spec.exclusive if token in tokens)
+        if shared:
+            out.append(Finding("error", "conflict", f"patch {spec.name!r} and selected patch {tokens[shared[0]]!r} "
+                               f"both declare exclusive={{{shared[0]!r}}}; they are never applied together", spec.name))  # fmt: skip
+            continue
+        stacks = set(overrides(spec)) if spec.stackable else set()
         taken = {
             member: owners[(spec.target_label, member)]
             for member in spec.members
             if (spec.target_label, member) in owners
+            and not (member in stacks and owners[(spec.target_label, member)] in stackable)  # they stack
         }
         if taken:
             clash = ", ".join(f"{spec.target_label}.{member} (owned by {owner!r})" for member, owner in taken.items())
             out.append(Finding("error", "conflict", f"patch {spec.name!r} replaces what another selected patch "
-                               f"replaces: {clash}; two patches cannot own one member", spec.name))  # fmt: skip
+                               f"replaces: {clash}; two patches cannot own one member (only overrides of stackable=True "
+                               f"patches stack)", spec.name))  # fmt: skip
             continue
         owners.update({(spec.target_label, member): spec.name for member in spec.members})
+        tokens.update(dict.fromkeys(spec.exclusive, spec.name))
+        stackable.update([spec.name] if spec.stackable else [])
+        kept.append(spec)
+    for name, lines in preview_chains(kept, overrides).items():
+        out += [Finding("info", "stack", f"stack {line}", name) for line in lines]
     return out
 
 
@@ -562,6 +587,8 @@ def _apply_each(patches: Sequence[type[VLLMPatch[Any]]]) -> list[Finding]:
                     out.append(Finding("error", "conflict", str(exc), patch_cls._vcp_spec.name))
                 except PatchError as exc:
                     out.append(Finding("error", "apply", str(exc), patch_cls._vcp_spec.name))
+            for status in PatchManager.status():  # each stack as the selected set forms it
+                out += [Finding("info", "stack", f"stack {line}", status.name) for line in status.stacks]
         finally:
             PatchManager.rollback_all()
     return out
