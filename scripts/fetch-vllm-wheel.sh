@@ -12,6 +12,6 @@ if compgen -G "$cache/vllm-$version-*.whl" >/dev/null; then
     echo "fetch-vllm-wheel: vllm $version already in $cache"
     exit 0
 fi
-echo "fetch-vllm-wheel: downloading vllm $version (about 340 MB, once) into $cache"
+echo "fetch-vllm-wheel: downloading vllm $version (a few hundred MB, once) into $cache"
 "$venv/bin/python" -m pip download --quiet --no-deps --only-binary=:all: \
     --python-version 3.12 --platform manylinux_2_28_x86_64 -d "$cache" "vllm==$version"
