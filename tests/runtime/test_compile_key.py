@@ -150,3 +150,21 @@ def test_a_patch_class_without_a_module_is_keyed_by_its_own_code() -> None:
         return cls
 
     assert code_fingerprint(make(2)) == code_fingerprint(make(2)) != code_fingerprint(make(3))
+
+
+def test_a_loader_that_fails_never_stops_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    # vLLM reads every variable's getter at start-up without a guard: the key must come, whatever a loader does.
+    import types
+
+    class Broken:
+        def get_source(self, name: str) -> str:
+            raise RuntimeError("disk gone")
+
+        def get_code(self, name: str) -> object:
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "bad")
+
+    module = types.ModuleType("vcp_broken_loader_module")
+    module.__loader__ = Broken()
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    cls = type("P", (), {"__module__": module.__name__})
+    assert code_fingerprint(cls).startswith("sha256:")

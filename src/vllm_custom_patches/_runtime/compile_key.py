@@ -121,15 +121,17 @@ def _module_code(module: types.ModuleType) -> bytes:
     spec = getattr(module, "__spec__", None)
     loader: Any = getattr(spec, "loader", None) or getattr(module, "__loader__", None)
     name = getattr(spec, "name", None) or module.__name__
+    # vLLM calls the key's getter while it starts (envs.enable_envs_cache reads every variable,
+    # unguarded): whatever a loader raises must not stop it, only make the module "unreadable".
     try:
         source: object = loader.get_source(name) if hasattr(loader, "get_source") else None
-    except (ImportError, OSError):
+    except Exception:
         source = None
     if isinstance(source, str):
         return b"source\0" + source.encode("utf-8", "surrogateescape")
     try:
         code = loader.get_code(name) if hasattr(loader, "get_code") else None
-    except (ImportError, OSError):
+    except Exception:
         code = None
     if isinstance(code, types.CodeType):
         return b"code\0" + _code_digest(code)
