@@ -286,6 +286,31 @@ def test_original_reaches_the_next_layer_inward_whatever_self_is() -> None:
     assert inner.original("m") is Target.__dict__["_original_m"]
 
 
+def test_the_innermost_layer_reads_the_targets_original_at_each_call_as_a_single_patch_does() -> None:
+    # A test standing in for vLLM's original by setting Target._original_m (the example package's
+    # template does) reaches its stand-in from a single patch and from a stack's innermost layer.
+    class Single(VLLMPatch[Target]):
+        def m(self, x: int = 0) -> str:
+            return "S>" + Single.original("m")(self, x)  # type: ignore[no-any-return]
+
+    def stand_in(self: Any, x: int = 0) -> str:
+        return f"stand-in{x}"
+
+    for patches in ([Single], [layer("outer", order=1), layer("inner")]):
+        for patch in patches:
+            patch.apply()
+        kept = vars(Target)["_original_m"]
+        Target._original_m = stand_in  # type: ignore[attr-defined]
+        try:
+            assert patches[-1].original("m") is stand_in
+            expected = "S>stand-in1" if len(patches) == 1 else "outer>inner>stand-in1"
+            assert Target().m(1) == expected
+        finally:
+            Target._original_m = kept  # type: ignore[attr-defined]
+            for patch in patches:
+                patch.rollback()
+
+
 def test_original_is_resolved_at_call_time() -> None:
     outer, middle, inner = layer("outer", order=2), layer("middle", order=1), layer("inner")
     outer.apply()
@@ -495,7 +520,7 @@ def test_apply_is_atomic_a_patch_joins_every_stack_or_none(order: int) -> None:
     outer.apply()
     inner.apply()
     before = snapshot_namespace(Target)
-    tables = (dict(outer._vcp_originals), dict(inner._vcp_originals))
+    tables = (dict(outer._vcp_originals), dict(inner._vcp_originals), dict(outer._vcp_originals.through))
 
     class Both(VLLMPatch[Target], stackable=True, order=order):
         def m(self, x: int = 0) -> str:
@@ -508,8 +533,8 @@ def test_apply_is_atomic_a_patch_joins_every_stack_or_none(order: int) -> None:
     with pytest.raises(PatchApplyError, match="no"):
         Both.apply()
     before.assert_unchanged()
-    assert (dict(outer._vcp_originals), dict(inner._vcp_originals)) == tables
-    assert dict(Both._vcp_originals) == {}
+    assert (dict(outer._vcp_originals), dict(inner._vcp_originals), dict(outer._vcp_originals.through)) == tables
+    assert dict(Both._vcp_originals) == {} and Both._vcp_originals.through == {}
     assert Target().m(1) == "outer>T1" and Target().other() == "inner>other"
     assert chain_of(member="m") == "Target.m: outer (order 5) \u2192 original"
 
@@ -569,6 +594,6 @@ def test_a_call_inside_a_layer_rolled_back_completes_and_new_calls_skip_it() -> 
     with reg.lock:
         reg.lingerers.sweep()
         assert not reg.lingerers.layers
-    assert dict(Slow._vcp_originals) == {}
+    assert dict(Slow._vcp_originals) == {} and Slow._vcp_originals.through == {}
     with pytest.raises(PatchTargetError, match="is not applied"):
         Slow.original("m")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from .forksafe import ForkSafeRLock
 from .graft import MISSING, Change, code_objects, functions_of, restore
 from .log import logger
+from .spec import Originals
 
 __all__ = ["Lingerers", "Lingering", "LingeringLayer", "codes_of", "threads_running"]
 
@@ -74,7 +75,7 @@ class LingeringLayer:
     """A rolled-back patch's ``original(member)`` entry, kept while calls may still use it."""
 
     patch: str
-    table: dict[str, object]
+    table: Originals
     """The patch class's ``original()`` table; the sweep removes ``member`` from it."""
     target: type
     member: str
@@ -142,7 +143,7 @@ class Lingerers:
         for layer_key, layer in list(self.layers.items()):
             if threads_running(layer.codes) == 0:
                 del self.layers[layer_key]
-                layer.table.pop(layer.member, None)
+                layer.table.forget(layer.member)
 
     def _sweep_until_done(self) -> None:
         pause = _POLL_S[0]

@@ -17,7 +17,7 @@ from .log import logger
 from .planning import check_conflicts, plan_apply
 from .registry import REGISTRY, Applied, Registry
 from .spec import Originals, PatchLike, PatchSpec
-from .stacks import Layer, Stack, class_get, relink
+from .stacks import Layer, Stack, link, relink
 from .status import PatchState
 from .targets import resolve_target
 from .versions import check_gate
@@ -125,8 +125,10 @@ def rollback(name: str) -> bool:
                 reg.lingerers.add_layer(
                     LingeringLayer(name, table, target, member, key if stacked else None, bases[member], codes)
                 )
+                if stacked:  # its place kept, its next layer concrete (see stacks.relink)
+                    relink(reg.stacks, reg.lingerers, target, member)
             else:
-                table.pop(member, None)
+                table.forget(member)
         if busy:
             logger.info(
                 "Patch %r: %d thread(s) are still inside its code; %s stay until they return",
@@ -210,7 +212,7 @@ def _graft(patch_cls: type[PatchLike], spec: PatchSpec, target: type, live_check
     originals = dict(plan.overrides)
     stacked = tuple(originals) if spec.stackable else ()
     table = patch_cls._vcp_originals
-    table_before = {member: table.get(member, MISSING) for member in originals}
+    table_before = {member: table.state(member) for member in originals}
     tx = Transaction(target)
     # Each original goes in before its replacement, so a thread calling the
     # target meanwhile never finds a graft whose original is missing; the
@@ -226,20 +228,17 @@ def _graft(patch_cls: type[PatchLike], spec: PatchSpec, target: type, live_check
     shown = {member: _shown(target, member) for member in stacked}
     member = ""
     try:
-        for member, original in originals.items():
+        for member in originals:
             if member not in stacked:
-                table[member] = class_get(original, target)
+                table.link_through(member, target)
         for member, value, own in steps:
             _set(tx, member, value, own)
         for member in stacked:
             joined[member] = _join(tx, spec, table, target, member, plan.holders[member], originals[member])
     except BaseException as exc:
         undo_errors = tx.undo()
-        for name, old in table_before.items():
-            if old is MISSING:
-                table.pop(name, None)
-            else:
-                table[name] = old
+        for name, state in table_before.items():
+            table.restore(name, state)
         if undo_errors:
             raise PatchApplyError(
                 f"patch {spec.name!r}: setting {target.__qualname__}.{member} failed "
@@ -306,7 +305,7 @@ def _join(
         stack = Stack(target, member, base, holder, vars(target).get(member, MISSING), (layer,))
     else:
         stack = current.joined(layer)
-    table[member] = class_get(stack.inner_of(layer.key), target)
+    link(table, stack, layer.key)
     if current is None:
         _set(tx, ORIGINAL_PREFIX + member, base, False)
         stack = replace(stack, original_held=vars(target).get(ORIGINAL_PREFIX + member, MISSING))

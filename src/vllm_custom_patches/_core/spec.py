@@ -150,13 +150,16 @@ class Originals(dict[str, object]):
     """A patch class's ``original()`` table: member -> what the member's next layer inward gives.
 
     Made with the class; ``P.original`` is its ``__getitem__`` (see ``stacks``).
-
-    Filled by the ledger when the patch is applied (for a patch that is not
-    stackable, the next layer is vLLM's original), emptied when it is rolled
-    back and no call is inside it any more.
+    An entry is a stack's next layer (a C-level dict hit).  vLLM's own
+    original is not an entry but is read from the target's ``_original_<name>``
+    at each call (``through``, on a miss), as ``getattr(Target,
+    "_original_<name>")`` gives it: what a single patch's ``original()`` has
+    always been, so a test that stands in for vLLM's original by setting
+    ``Target._original_<name>`` still reaches its stand-in.  The ledger keeps
+    both current under the registry's lock.
     """
 
-    __slots__ = ("additions", "members", "patch")
+    __slots__ = ("additions", "members", "patch", "target", "through")
 
     def __init__(self, patch: str, members: tuple[str, ...]) -> None:
         super().__init__()
@@ -164,8 +167,49 @@ class Originals(dict[str, object]):
         self.members = members
         self.additions: tuple[str, ...] | None = None
         """The members the applied patch added to its target; ``None`` while it is not applied."""
+        self.target: type | None = None
+        self.through: dict[str, str] = {}
+        """Member -> the target's attribute holding vLLM's original, for the members read from the target."""
+
+    def link(self, member: str, value: object) -> None:
+        """``original(member)`` gives ``value`` (the next layer): the entry first, so no reader misses both."""
+        self[member] = value
+        self.through.pop(member, None)
+
+    def link_through(self, member: str, target: type) -> None:
+        """``original(member)`` reads the target's ``_original_<member>`` at each call."""
+        self.target = target
+        self.through[member] = ORIGINAL_PREFIX + member
+        self.pop(member, None)
+
+    def forget(self, member: str) -> None:
+        self.pop(member, None)
+        self.through.pop(member, None)
+
+    def state(self, member: str) -> tuple[object, str | None]:
+        return self.get(member, MISSING), self.through.get(member)
+
+    def restore(self, member: str, state: tuple[object, str | None]) -> None:
+        value, through = state
+        if through is not None:
+            self.through[member] = through
+        else:
+            self.through.pop(member, None)
+        if value is MISSING:
+            self.pop(member, None)
+        else:
+            self[member] = value
 
     def __missing__(self, member: object) -> object:
+        name = self.through.get(member) if isinstance(member, str) else None
+        if name is not None:
+            try:
+                return getattr(self.target, name)
+            except AttributeError:
+                raise PatchTargetError(
+                    f"patch {self.patch!r}: the original of {member!r} is gone from "
+                    f"{getattr(self.target, '__qualname__', '?')}.{name} (removed by code outside the patch)."
+                ) from None
         if member not in self.members:
             raise PatchTargetError(
                 f"patch {self.patch!r} does not replace {member!r}; original() gives the next layer "
@@ -178,7 +222,7 @@ class Originals(dict[str, object]):
         raise PatchTargetError(f"patch {self.patch!r} is not applied, so the original of {member!r} is not kept.")
 
     def __repr__(self) -> str:
-        return f"<original() of patch {self.patch!r}: {dict.__repr__(self)}>"
+        return f"<original() of patch {self.patch!r}: {dict.__repr__(self)}, through the target: {self.through}>"
 
 
 class PatchLike(Protocol):

@@ -6,14 +6,16 @@ and vLLM's original (the stack's *base*) under ``_original_<name>``, so a
 stack of one looks exactly like one patch.  The layers inward of the
 outermost are on no class.  Each patch class has one ``spec.Originals``
 table, and ``P.original`` *is* that table's ``__getitem__``: the table maps
-each member the patch replaces to what the next layer inward gives (vLLM's
-original for the innermost), as ``getattr`` on the target would give it (a
-plain function, a class method bound to the target, a property object).  So
+each member the patch replaces to what the next layer inward gives, as
+``getattr`` on the target would give it (a plain function, a class method
+bound to the target, a property object).  So in an outer layer
 ``P.original("m")`` is one C-level dict lookup, no registry, no lock; it
 reads the chain as it is when the call is made, because the ledger rewrites
 the entries (under the registry's lock) whenever a layer joins or leaves,
 innermost first, so that a call racing with the change always finds a
-complete chain, old or new.
+complete chain, old or new.  The innermost layer (and a patch that is not
+stackable) has no entry: its ``original("m")`` misses and reads the target's
+``_original_m`` at the call, exactly as a single patch's always did.
 
 The order depends only on the set of applied layers (:attr:`Layer.key`):
 higher ``order`` outer, equal order the name that sorts first outer.  Rolling
@@ -35,7 +37,7 @@ from typing import Any
 from .inflight import Lingerers
 from .spec import Originals, PatchSpec
 
-__all__ = ["Layer", "Stack", "chain_line", "class_get", "preview_chains", "relink"]
+__all__ = ["Layer", "Stack", "chain_line", "class_get", "link", "preview_chains", "relink"]
 
 
 def class_get(raw: object, owner: type) -> object:
@@ -156,9 +158,19 @@ def relink(stacks: dict[tuple[type, str], Stack], lingerers: Lingerers, target: 
     stack = stacks.get((target, name))
     if stack is not None:
         for layer in reversed(stack.layers):
-            layer.table[name] = class_get(stack.inner_of(layer.key), target)
+            link(layer.table, stack, layer.key)
     for entry in lingerers.layers_of(target, name):
         if entry.key is None:
             continue  # a patch that was not stackable: it keeps the original it had
+        # Concrete, never through the target: the stack (and its _original_x) may go while it runs.
         inner: Any = stack.inner_of(entry.key) if stack is not None else entry.base
-        entry.table[name] = class_get(inner, target)
+        entry.table.link(name, class_get(inner, target))
+
+
+def link(table: Originals, stack: Stack, key: tuple[int, str]) -> None:
+    """Point the applied layer at ``key`` at its next layer: an entry, or the target's original for the innermost."""
+    inner = stack.inner_of(key)
+    if inner is stack.base:
+        table.link_through(stack.name, stack.target)
+    else:
+        table.link(stack.name, class_get(inner, stack.target))
