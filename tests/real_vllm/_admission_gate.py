@@ -22,6 +22,8 @@ import json
 import time
 from pathlib import Path
 
+from _engine import write_patch_file
+
 ADMISSION_GATE_PATCH = '''
 import json
 import os
@@ -61,11 +63,7 @@ class AdmissionGate(VLLMPatch["vllm.v1.core.sched.scheduler:Scheduler"]):
 
 def write_admission_gate(directory: Path) -> Path:
     """Write the AdmissionGate patch file into ``directory`` (made for VLLM_CUSTOM_PATCHES_PATH); return it."""
-    directory.mkdir(mode=0o755, exist_ok=True)
-    path = directory / "admission_gate.py"
-    path.write_text(ADMISSION_GATE_PATCH)
-    path.chmod(0o644)
-    return directory
+    return write_patch_file(directory, "admission_gate.py", ADMISSION_GATE_PATCH)
 
 
 def held_lines(log: Path) -> int:

@@ -258,13 +258,23 @@ class RankWitness(VLLMPatch["vllm.v1.worker.cpu_worker:CPUWorker"]):
 '''
 
 
-def write_rank_witness(directory: Path) -> Path:
-    """Write the RankWitness patch file into ``directory`` (made for VLLM_CUSTOM_PATCHES_PATH); return it."""
-    directory.mkdir(mode=0o755, exist_ok=True)
-    path = directory / "rank_witness.py"
-    path.write_text(RANK_WITNESS_PATCH)
+def write_patch_file(directory: Path, name: str, source: str) -> Path:
+    """Write patch file ``name`` into ``directory`` (made for VLLM_CUSTOM_PATCHES_PATH); return the directory.
+
+    The modes are set, not left to the umask: the plugin refuses a directory or
+    file that group or others can write.
+    """
+    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    directory.chmod(0o755)
+    path = directory / name
+    path.write_text(source, encoding="utf-8")
     path.chmod(0o644)
     return directory
+
+
+def write_rank_witness(directory: Path) -> Path:
+    """Write the RankWitness patch file into ``directory`` (made for VLLM_CUSTOM_PATCHES_PATH); return it."""
+    return write_patch_file(directory, "rank_witness.py", RANK_WITNESS_PATCH)
 
 
 # -- vllm serve (vLLM's own CLI), several processes and nodes ----------------------

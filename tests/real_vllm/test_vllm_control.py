@@ -14,13 +14,13 @@ engine core, so the order is the policy's, whatever the machine's speed.
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +31,7 @@ from typing import Any
 import pytest
 from _admission_gate import held_lines, wait_held, write_admission_gate
 from _engine import SPF_REQUESTS, _stop_group, free_port, launch_serve, prompt_ids, wait_ready, write_rank_witness
+from _server import complete, control, request, states, status
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -99,54 +100,10 @@ def server(vllm_workspace: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
         _stop_group(proc)
 
 
-# -- HTTP helpers -------------------------------------------------------------------
+# -- HTTP helpers (``_server``) ------------------------------------------------------------
 
-
-def _request(url: str, *, data: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    request = urllib.request.Request(
-        url, data=data, headers=headers or {}, method="POST" if data is not None else "GET"
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        body = exc.read()
-        try:
-            return exc.code, json.loads(body)
-        except ValueError:
-            return exc.code, body
-
-
-def _control(
-    server: ControlServer, action: str, name: str, *, token: str | None = TOKEN, body: bytes = b"{}"
-) -> tuple[int, Any]:
-    headers = {"Content-Type": "application/json"}
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    return _request(f"{server.url}/custom_patches/{name}/{action}", data=body, headers=headers)
-
-
-def _status(server: ControlServer) -> dict[str, Any]:
-    code, report = _request(f"{server.url}/custom_patches")
-    assert code == 200, report
-    assert isinstance(report, dict)
-    return report
-
-
-def _states(server: ControlServer, name: str) -> dict[tuple[str, int | None], str]:
-    """(role, tp_rank) -> the patch's state there."""
-    return {
-        (p["role"], p["tp_rank"]): next((q["state"] for q in p["patches"] if q["name"] == name), "-")
-        for p in _status(server)["processes"]
-    }
-
-
-def _complete(server: ControlServer, prompt: list[int], max_tokens: int) -> list[int]:
-    body = json.dumps({"model": server.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                       "ignore_eos": True, "return_token_ids": True}).encode()  # fmt: skip
-    code, answer = _request(f"{server.url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
-    assert code == 200, answer
-    return list(answer["choices"][0]["token_ids"])
+#: ``POST /custom_patches/NAME/ACTION`` with this server's control token unless ``token=`` says otherwise.
+_control = functools.partial(control, token=TOKEN)
 
 
 def _run_cli(server: ControlServer, *args: str) -> subprocess.CompletedProcess[str]:
@@ -180,7 +137,7 @@ def _admission_order(server: ControlServer) -> list[int]:
     with ThreadPoolExecutor(max_workers=len(ORDERED)) as pool:
         answers = []
         for index, (length, max_tokens) in enumerate(ORDERED, start=1):
-            answers.append(pool.submit(_complete, server, prompt_ids(index, length), max_tokens))
+            answers.append(pool.submit(complete, server, prompt_ids(index, length), max_tokens))
             # Arrival order = submission order: this one reached the engine core before the next is sent.
             assert wait_held(server.gate, base + index)[-1] == length
         served = [len(answer.result(timeout=180)) for answer in answers]
@@ -207,7 +164,7 @@ class _Stream:
         deadline = time.monotonic() + self.seconds
         while not self._stop.is_set() and time.monotonic() < deadline and len(self.outputs) < self.limit:
             try:
-                self.outputs.append(_complete(self.server, prompt_ids(99, STREAM_LEN), 6))
+                self.outputs.append(complete(self.server, prompt_ids(99, STREAM_LEN), 6))
             except BaseException as exc:  # collected and asserted by the test
                 self.failures.append(exc)
 
@@ -237,25 +194,25 @@ def _toggle_timings(server: ControlServer, rounds: int) -> list[float]:
 
 def test_rollback_and_reapply_under_a_stream_of_requests_switch_the_live_scheduler(server: ControlServer) -> None:
     with _Stream(server) as stream:
-        assert _complete(server, PROBE, PROBE_TOKENS) == server.reference  # patched: same tokens as unpatched vLLM
+        assert complete(server, PROBE, PROBE_TOKENS) == server.reference  # patched: same tokens as unpatched vLLM
         assert _admission_order(server) == SHORTEST_FIRST
 
         code, report = _control(server, "rollback", "shortest_prompt_first", body=b'{"reason": "p99 regression"}')
         assert code == 200 and report["ok"], report
         changed = [(p["role"], p["pid"]) for p in report["processes"] if p["changed"] and not p.get("waiting")]
-        (core,) = [p for p in _status(server)["processes"] if p["role"] == "engine_core"]
+        (core,) = [p for p in status(server)["processes"] if p["role"] == "engine_core"]
         assert changed == [("engine_core", core["pid"])]  # the scheduler lives there only
         # Elsewhere the patch waited for an import of the scheduler that never came: disarmed there.
         assert all(p["state"] == "available" for p in report["processes"] if p.get("waiting")), report
-        assert _states(server, "shortest_prompt_first")[("engine_core", None)] == "available"
+        assert states(server, "shortest_prompt_first")[("engine_core", None)] == "available"
         assert _admission_order(server) == FCFS  # vLLM's own first-come-first-served, live
-        assert _complete(server, PROBE, PROBE_TOKENS) == server.reference
+        assert complete(server, PROBE, PROBE_TOKENS) == server.reference
 
         code, report = _control(server, "apply", "shortest_prompt_first")
         assert code == 200 and report["ok"], report
-        assert _states(server, "shortest_prompt_first")[("engine_core", None)] == "applied"
+        assert states(server, "shortest_prompt_first")[("engine_core", None)] == "applied"
         assert _admission_order(server) == SHORTEST_FIRST
-        assert _complete(server, PROBE, PROBE_TOKENS) == server.reference
+        assert complete(server, PROBE, PROBE_TOKENS) == server.reference
 
         loaded = _toggle_timings(server, rounds=5)
     assert not stream.failures, stream.failures[:3]
@@ -271,8 +228,8 @@ def test_tensor_parallel_2_applies_a_worker_patch_in_both_ranks_and_the_schedule
     server: ControlServer,
 ) -> None:
     for index in range(4):
-        assert len(_complete(server, prompt_ids(60 + index, 6), 4)) == 4
-    processes = _status(server)["processes"]
+        assert len(complete(server, prompt_ids(60 + index, 6), 4)) == 4
+    processes = status(server)["processes"]
     workers = sorted((p for p in processes if p["role"] == "worker"), key=lambda p: p["tp_rank"])
     assert [w["tp_rank"] for w in workers] == [0, 1], processes
     for worker in workers:
@@ -309,18 +266,18 @@ def _metric(server: ControlServer, patch: str) -> dict[str, float]:
 
 
 def test_a_worker_patch_is_switched_off_and_on_in_both_tensor_parallel_ranks(server: ControlServer) -> None:
-    workers = sorted((p for p in _status(server)["processes"] if p["role"] == "worker"), key=lambda p: p["tp_rank"])
+    workers = sorted((p for p in status(server)["processes"] if p["role"] == "worker"), key=lambda p: p["tp_rank"])
     pids = {w["pid"] for w in workers}
     assert len(pids) == 2
 
     result = _run_cli(server, "rollback", "RankWitness", "--token", TOKEN, "--reason", "ranks test")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "patch 'RankWitness' rolled back in every process where it applies" in result.stdout
-    states = _states(server, "RankWitness")
-    assert (states[("worker", 0)], states[("worker", 1)]) == ("available", "available")
+    found = states(server, "RankWitness")
+    assert (found[("worker", 0)], found[("worker", 1)]) == ("available", "available")
     assert _metric(server, "RankWitness") == {"0": 0.0, "1": 0.0}
     before = _witness_lines(server)
-    _complete(server, PROBE, 4)
+    complete(server, PROBE, 4)
     assert _witnessed_since(server, before) == set()  # neither rank runs the patch's code any more
 
     result = _run_cli(server, "apply", "RankWitness", "--token", TOKEN, "--json")
@@ -329,14 +286,14 @@ def test_a_worker_patch_is_switched_off_and_on_in_both_tensor_parallel_ranks(ser
     assert sorted(p["pid"] for p in report["processes"] if p["changed"] and not p.get("waiting")) == sorted(pids)
     assert _metric(server, "RankWitness") == {"0": 1.0, "1": 1.0}
     before = _witness_lines(server)
-    _complete(server, PROBE, 4)
+    complete(server, PROBE, 4)
     assert _witnessed_since(server, before) == pids  # both ranks run it again, from inside each worker
 
 
 def test_a_rollback_one_rank_refuses_is_undone_everywhere_with_409(server: ControlServer) -> None:
     server.tamper.touch()
     try:
-        _complete(server, PROBE, 2)  # the next model step: another tool wraps the patched method in rank 1 only
+        complete(server, PROBE, 2)  # the next model step: another tool wraps the patched method in rank 1 only
         result = _run_cli(server, "rollback", "RankWitness", "--token", TOKEN)
         assert result.returncode == 1, result.stdout + result.stderr
         assert "REFUSED: patch 'RankWitness' was not rolled back; every process was put back as it was" in result.stdout
@@ -345,12 +302,12 @@ def test_a_rollback_one_rank_refuses_is_undone_everywhere_with_409(server: Contr
         by_rank = {p["tp_rank"]: p for p in report["processes"] if p["role"] == "worker"}
         assert by_rank[0]["changed"] and by_rank[0]["reverted"] and by_rank[0]["state"] == "applied"
         assert not by_rank[1]["ok"] and "was replaced after the patch was applied" in by_rank[1]["error"]
-        states = _states(server, "RankWitness")
-        assert (states[("worker", 0)], states[("worker", 1)]) == ("applied", "applied")  # as before: every rank has it
-        assert _status(server)["consistent"] is True
+        found = states(server, "RankWitness")
+        assert (found[("worker", 0)], found[("worker", 1)]) == ("applied", "applied")  # as before: every rank has it
+        assert status(server)["consistent"] is True
     finally:
         server.tamper.unlink(missing_ok=True)
-    _complete(server, PROBE, 2)  # the other tool unwraps itself at the next step
+    complete(server, PROBE, 2)  # the other tool unwraps itself at the next step
     code, report = _control(server, "rollback", "RankWitness")
     assert code == 200 and report["ok"], report
     code, report = _control(server, "apply", "RankWitness")
@@ -359,13 +316,13 @@ def test_a_rollback_one_rank_refuses_is_undone_everywhere_with_409(server: Contr
 
 def test_refused_requests_change_nothing(server: ControlServer) -> None:
     def applied() -> dict[int, list[str]]:
-        return {p["pid"]: p["applied"] for p in _status(server)["processes"]}
+        return {p["pid"]: p["applied"] for p in status(server)["processes"]}
 
     before = applied()
     url = f"{server.url}/custom_patches/shortest_prompt_first/rollback"
     assert _control(server, "rollback", "shortest_prompt_first", token=None)[0] == 403  # no header
     assert _control(server, "rollback", "shortest_prompt_first", token="wrong-token-wrong-token")[0] == 403
-    assert _request(url, data=b"{}", headers={"Authorization": f"Basic {TOKEN}"})[0] == 403  # not a bearer token
+    assert request(url, data=b"{}", headers={"Authorization": f"Basic {TOKEN}"})[0] == 403  # not a bearer token
     code, body = _control(server, "rollback", "no_such_patch")
     assert code == 404 and "shortest_prompt_first" in body["known"] and "RankWitness" in body["known"]
     code, body = _control(server, "rollback", "shortest_prompt_first", body=b"{not json")
@@ -373,7 +330,7 @@ def test_refused_requests_change_nothing(server: ControlServer) -> None:
     code, body = _control(server, "rollback", "shortest_prompt_first", body=b'{"force": true}')
     assert code == 422 and "'force'" in body["error"]
     assert _control(server, "explode", "shortest_prompt_first")[0] == 404
-    assert _request(url)[0] == 405  # GET is not a control request
+    assert request(url)[0] == 405  # GET is not a control request
     result = _run_cli(server, "rollback", "shortest_prompt_first", "--token", "wrong-token-wrong-token")
     assert result.returncode == 2 and "403 Forbidden: the token was refused" in result.stderr
     result = _run_cli(server, "rollback", "no_such_patch", "--token", TOKEN)

@@ -112,6 +112,14 @@ def _start(cluster: Cluster, timeout: float = 600) -> Cluster:
     return cluster
 
 
+def _ready(launched: Cluster, what: str) -> Cluster:
+    """A cluster launched while earlier tests ran, once it serves."""
+    if not launched.ready_s:
+        _start(launched)
+        print(f"{what} ready in {launched.ready_s:.1f}s (after the wait for it)")
+    return launched
+
+
 def _cpu_env(workspace: Any, bind: str, **extra: str) -> dict[str, str]:
     # One core per CPU worker (2 cores here); without a binding vLLM refuses
     # several local CPU workers ("Not enough allowed NUMA nodes").
@@ -285,10 +293,7 @@ def test_the_kill_switch_reaches_the_engine_core_of_every_data_parallel_rank(dp_
 
 @pytest.fixture(scope="module")
 def three_nodes(three_nodes_launched: Cluster) -> Cluster:
-    if not three_nodes_launched.ready_s:
-        _start(three_nodes_launched)
-        print(f"three nodes (data parallel 3) ready in {three_nodes_launched.ready_s:.1f}s (after the wait for it)")
-    return three_nodes_launched
+    return _ready(three_nodes_launched, "three nodes (data parallel 3)")
 
 
 @pytest.fixture(scope="module")
@@ -406,10 +411,7 @@ def test_strict_a_patch_failing_in_rank_1_only_stops_the_server_naming_that_rank
 
 @pytest.fixture(scope="module")
 def tp2_lenient(tp2_lenient_launched: Cluster) -> Cluster:
-    if not tp2_lenient_launched.ready_s:
-        _start(tp2_lenient_launched)
-        print(f"tensor parallel 2 ready in {tp2_lenient_launched.ready_s:.1f}s (after the wait for it)")
-    return tp2_lenient_launched
+    return _ready(tp2_lenient_launched, "tensor parallel 2")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from _admission_gate import write_admission_gate
+from _engine import write_patch_file
 
 from vllm_custom_patches.testing import DEFAULT_PROMPTS, EngineRunError, run_engine
 
@@ -62,10 +63,7 @@ def test_a_multiprocess_engine_reports_the_patch_from_the_engine_core(vllm_engin
 
 
 def test_a_patch_that_stops_start_up_surfaces_as_an_engine_run_error(tiny_vllm_model: Path, tmp_path: Path) -> None:
-    patch_dir = tmp_path / "patches"
-    patch_dir.mkdir(mode=0o755)
-    (patch_dir / "misfit.py").write_text(_MISFIT)
-    (patch_dir / "misfit.py").chmod(0o644)
+    patch_dir = write_patch_file(tmp_path / "patches", "misfit.py", _MISFIT)
     with pytest.raises(EngineRunError, match=r"(?s)exited with .*schedule_v2"):
         run_engine(
             tiny_vllm_model,
