@@ -144,7 +144,7 @@ class FairShareLedger:
 
 
 @vllm_versions(">=0.32,<0.35")
-class FairShare(VLLMPatch[Scheduler], TypedAs[Scheduler]):
+class FairShare(VLLMPatch[Scheduler], TypedAs[Scheduler], stackable=True, exclusive={"queue-sort"}):
     """Admit waiting requests so that tenants get service in proportion to their weights.
 
     Why: vLLM serves waiting requests first come, first served (or by a

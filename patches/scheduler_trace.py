@@ -131,7 +131,7 @@ _failed_pids: set[int] = set()
 
 
 @vllm_versions(">=0.32,<0.35")
-class SchedulerTrace(VLLMPatch[Scheduler], TypedAs[Scheduler]):
+class SchedulerTrace(VLLMPatch[Scheduler], TypedAs[Scheduler], stackable=True):
     """Append one JSON line per scheduler step to ``VLLM_CUSTOM_PATCHES_TRACE_FILE``.
 
     Why: the scheduler runs inside vLLM's EngineCore process (a child of the

@@ -60,7 +60,7 @@ def spf_order(requests: Iterable[Any], *, now: float, max_wait_s: float | None) 
 
 
 @vllm_versions(">=0.32,<0.35")
-class ShortestPromptFirst(VLLMPatch[Scheduler], TypedAs[Scheduler]):
+class ShortestPromptFirst(VLLMPatch[Scheduler], TypedAs[Scheduler], stackable=True, exclusive={"queue-sort"}):
     """Admit waiting requests in order of prompt length, shortest first.
 
     Why: vLLM's V1 scheduler offers ``fcfs`` and ``priority`` only.  When

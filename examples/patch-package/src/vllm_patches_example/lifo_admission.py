@@ -70,7 +70,7 @@ def _reorder_in_place(queue: Any, ordered: list[Any]) -> None:
 
 
 @vllm_versions(">=0.32,<0.34")
-class LifoAdmission(VLLMPatch[Scheduler], TypedAs[Scheduler]):
+class LifoAdmission(VLLMPatch[Scheduler], TypedAs[Scheduler], stackable=True, exclusive={"queue-sort"}):
     """Admit waiting requests newest first (last in, first out).
 
     Why: under sustained overload a first-come-first-served queue makes every

@@ -1,0 +1,84 @@
+"""Stacks on a real vLLM engine (issue 19): the example package's observer ``schedule_log`` (stackable,
+order 10) composes with the catalogue's ``shortest_prompt_first`` (stackable, exclusive queue-sort)
+on ``Scheduler.schedule``.
+
+In-process engines of the tiny model (``testing.run_engine``), one request at a time, so the
+finishing order is the admission order. Both installation orders (``VLLM_CUSTOM_PATCHES``) give the
+same chain; the policy still orders admission (the observer sees that order, from outside it); the
+generated tokens equal an unpatched engine's.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vllm_custom_patches.testing import EngineRun, run_engine
+
+pytestmark = pytest.mark.vllm
+
+# Prompt lengths out of order: vLLM's FCFS admits 0, 1, 2, 3; shortest first admits 1, 3, 2, 0.
+PROMPTS = [[7 + i for i in range(n)] for n in (20, 5, 12, 8)]
+SHORTEST_FIRST = (1, 3, 2, 0)
+CHAIN = "Scheduler.schedule: schedule_log (order 10) \u2192 shortest_prompt_first \u2192 vLLM"
+OBSERVER_FILE = "from vllm_patches_example.schedule_log import ScheduleLog  # noqa: F401  (registers it)\n"
+
+
+def _run(model: Path, workdir: Path, selection: str) -> tuple[EngineRun, list[str]]:
+    patches = workdir / "patches"
+    patches.mkdir(parents=True, mode=0o755)
+    (patches / "observer.py").write_text(OBSERVER_FILE)
+    (patches / "observer.py").chmod(0o644)
+    log = workdir / "admitted.jsonl"
+    env = {"VLLM_CUSTOM_PATCHES_PATH": str(patches), "VLLM_PATCHES_EXAMPLE_SCHEDULE_LOG": str(log)}
+    run = run_engine(
+        model, patches=selection, prompts=PROMPTS, multiprocess=False, env=env, workdir=workdir / "engine", timeout=600
+    )
+    admitted = (
+        [rid for line in log.read_text().splitlines() for rid in json.loads(line)["admitted"]] if log.exists() else []
+    )
+    return run, admitted
+
+
+def _stacks(run: EngineRun) -> set[str]:
+    (driver,) = run.processes
+    return {line for status in driver.patches for line in status.get("stacks", [])}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_vllm_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    pytest.importorskip("vllm_patches_example", reason="the example package is installed by make test")
+    root = tmp_path_factory.mktemp("stacks")
+    selections = {
+        "baseline": "",
+        "observer_first": "schedule_log,shortest_prompt_first",
+        "policy_first": "shortest_prompt_first,schedule_log",
+    }
+    with ThreadPoolExecutor(2) as pool:
+        futures = {key: pool.submit(_run, tiny_vllm_model, root / key, sel) for key, sel in selections.items()}
+        return {key: future.result() for key, future in futures.items()}
+
+
+@pytest.mark.parametrize("order", ["observer_first", "policy_first"])
+def test_the_observer_composes_with_the_policy_in_either_installation_order(runs: dict[str, Any], order: str) -> None:
+    run, admitted = runs[order]
+    (driver,) = run.processes
+    assert sorted(driver.applied) == ["schedule_log", "shortest_prompt_first"]
+    first = {"observer_first": "schedule_log", "policy_first": "shortest_prompt_first"}[order]
+    assert driver.applied[0] == first  # installed in the order selected...
+    assert CHAIN in _stacks(run)  # ...and stacked the same way
+    assert _stacks(run) == _stacks(runs["observer_first"][0])
+    # The policy still orders admission, and the observer, outside it, sees that order.
+    assert run.finished == SHORTEST_FIRST
+    assert [int(rid.split("-", 1)[0]) for rid in admitted] == list(SHORTEST_FIRST)
+
+
+def test_outputs_equal_an_unpatched_engines(runs: dict[str, Any]) -> None:
+    baseline, nothing_logged = runs["baseline"]
+    assert baseline.finished == (0, 1, 2, 3) and nothing_logged == []
+    for order in ("observer_first", "policy_first"):
+        assert runs[order][0].outputs == baseline.outputs
