@@ -4,6 +4,10 @@ vLLM missing is a failure, not a skip: CI installs it (``make test`` depends on
 ``make vllm``), so a broken install must not turn into a green run.  A
 developer without vLLM sets ``VCP_SKIP_VLLM=1`` to skip these tests; ``-m "not
 slow"`` leaves out the ones that start engines and servers.
+
+The order of the modules, and the work that starts ahead of its tests, are
+about the 2 cores of the machine CI runs on: see :data:`SEVERAL_AT_ONCE` and
+``_early.py``.
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import _early
 import pytest
 
 SKIP_ENV = "VCP_SKIP_VLLM"
@@ -58,14 +64,17 @@ class VllmWorkspace:
     model: Path
     """The tiny model, with its offline tokenizer."""
 
-    def env(self, **extra: str) -> dict[str, str]:
-        """An environment for a process that starts vLLM: no patch selected unless ``extra`` says so."""
+    def env(self, base: Mapping[str, str] | None = None, **extra: str) -> dict[str, str]:
+        """An environment for a process that starts vLLM: no patch selected unless ``extra`` says so.
+
+        Built on ``base`` (default: ``os.environ`` as it is now).
+        """
         from _engine import clean_env
 
         from vllm_custom_patches.testing import ENGINE_ENV
 
         return clean_env(
-            os.environ,
+            os.environ if base is None else base,
             {
                 **ENGINE_ENV,
                 "VLLM_CACHE_ROOT": str(self.root / "cache"),
@@ -85,14 +94,80 @@ class VllmWorkspace:
         return path
 
 
-@pytest.fixture(scope="session")
-def vllm_workspace() -> Iterator[VllmWorkspace]:
-    _check_vllm()
-    from vllm_custom_patches.testing import write_tiny_model
+_workspace: VllmWorkspace | None = None
+_workspace_lock = threading.Lock()
 
-    root = Path(tempfile.mkdtemp(prefix="vcp-"))
-    (root / "rpc").mkdir()
+
+def _session_workspace() -> VllmWorkspace:
+    """The session's workspace, made at its first use (by a test, or by the background lane's first job)."""
+    global _workspace
+    with _workspace_lock:
+        if _workspace is None:
+            from vllm_custom_patches.testing import write_tiny_model
+
+            root = Path(tempfile.mkdtemp(prefix="vcp-"))
+            (root / "rpc").mkdir()
+            _workspace = VllmWorkspace(root=root, model=write_tiny_model(root / "model", tokenizer=True))
+        return _workspace
+
+
+@pytest.fixture(scope="session")
+def vllm_workspace() -> VllmWorkspace:
+    _check_vllm()
+    return _session_workspace()
+
+
+# -- order and early work ---------------------------------------------------------------
+
+SEVERAL_AT_ONCE = ("test_vllm_control.py", "test_vllm_fleet.py")
+"""Modules that keep both cores busy by themselves (servers of several processes started together).
+
+The others, apart from those using early jobs, mostly run one vLLM process at a
+time: they come first, while the background lane (``_early``) runs the jobs on
+the other core; these come next; the modules whose tests read a job's result
+come last, when their jobs are done.  Each module's tests stay together, in
+their order (module-scoped servers start once).
+"""
+
+
+@pytest.hookimpl(trylast=True)  # after tests/conftest.py's sort: the unit tests stay first
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def real_vllm(item: pytest.Item) -> bool:
+        return "real_vllm" in item.path.parts
+
+    with_jobs = {item.path for item in items if real_vllm(item) and any(map(_early.is_job, item.fixturenames))}
+
+    def rank(item: pytest.Item) -> tuple[int, int]:
+        if not real_vllm(item):
+            return 0, 0
+        return 1, 2 if item.path in with_jobs else 1 if item.path.name in SEVERAL_AT_ONCE else 0
+
+    items.sort(key=rank)
+    _early.plan(name for item in items for name in item.fixturenames)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtestloop(session: pytest.Session) -> Iterator[None]:
+    if not session.config.option.collectonly and _vllm_missing() is None and _early.planned():
+        workspace = _session_workspace()  # here, before any test can change os.environ (tempfile reads TMPDIR)
+        _early.start(lambda: workspace)
     try:
-        yield VllmWorkspace(root=root, model=write_tiny_model(root / "model", tokenizer=True))
+        yield
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        _early.stop()
+
+
+def pytest_sessionfinish() -> None:
+    global _workspace
+    _early.stop()
+    if _workspace is not None:
+        shutil.rmtree(_workspace.root, ignore_errors=True)
+        _workspace = None
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    lines = _early.report()
+    if lines:
+        terminalreporter.write_sep("-", "real-vLLM jobs run ahead of their tests")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import pytest
+from _early import SESSION_ENV, JobContext, early_fixture
 
 pytestmark = pytest.mark.vllm
 
@@ -39,17 +40,23 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_register_declares_the_variables_set_and_only_the_selection_enters_the_compile_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    env = {
-        k: v for k, v in __import__("os").environ.items() if not k.startswith(("VLLM_CUSTOM_PATCHES", "VLLM_PLUGINS"))
-    }
+@early_fixture
+def environ_child(job: JobContext) -> subprocess.CompletedProcess[str]:
+    """The child above, in a fresh process (an early job: it runs while the unit tests do)."""
+    env = {k: v for k, v in SESSION_ENV.items() if not k.startswith(("VLLM_CUSTOM_PATCHES", "VLLM_PLUGINS"))}
     env.update(
         VLLM_CUSTOM_PATCHES="scheduler_trace",
         VLLM_CUSTOM_PATCHES_STRICT="1",
-        VLLM_CUSTOM_PATCHES_TRACE_FILE=str(tmp_path / "trace.jsonl"),
+        VLLM_CUSTOM_PATCHES_TRACE_FILE=str(job.workspace.dir("environ") / "trace.jsonl"),
         VLLM_CUSTOM_PATCHES_SPF_MAX_WAIT_S="5",
     )
-    proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=180)
+    return job.run([sys.executable, "-c", _CHILD], env=env, timeout=180)
+
+
+def test_register_declares_the_variables_set_and_only_the_selection_enters_the_compile_key(
+    environ_child: subprocess.CompletedProcess[str],
+) -> None:
+    proc = environ_child
     assert proc.returncode == 0, proc.stderr[-3000:]
     (line,) = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
     result = json.loads(line[len("RESULT ") :])

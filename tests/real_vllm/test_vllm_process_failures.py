@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from _engine import Child, ChildFailed, run_child, start_child
+from _early import JobContext, early_fixture
+from _engine import Child, ChildFailed, start_child, write_patch_file
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -103,14 +104,9 @@ LINE = re.compile(r"^\((?P<proc>[\w-]+) pid=(?P<pid>\d+)\) (?P<level>[A-Z]+) [\d
 SPEC_REQUESTS = [{"id": "r0", "len": 5, "max_tokens": 4}, {"id": "r1", "len": 9, "max_tokens": 4}]
 
 
-def _engine_env(workspace: Any, workdir: Path, **extra: str) -> dict[str, str]:
-    patch_dir = workdir / "patches"
-    patch_dir.mkdir(parents=True, exist_ok=True)
-    (patch_dir / "engine_core_only.py").write_text(PATCH_FILE, encoding="utf-8")
-    # Refused if writable by group or others; umask must not decide that.
-    patch_dir.chmod(0o755)
-    (patch_dir / "engine_core_only.py").chmod(0o644)
-    env = workspace.env(
+def _engine_env(job: JobContext, workdir: Path, **extra: str) -> dict[str, str]:
+    patch_dir = write_patch_file(workdir / "patches", "engine_core_only.py", PATCH_FILE)
+    env = job.env(
         VLLM_CUSTOM_PATCHES=SELECTION,
         VLLM_CUSTOM_PATCHES_PATH=str(patch_dir),
         **{ENV_PROBE: str(workdir / "probe.jsonl")},
@@ -176,14 +172,31 @@ def _assert_only_engine_core_applies(lines: list[dict[str, Any]], main_pid: int)
     return engine_core
 
 
-def test_strict_a_patch_failing_in_the_engine_core_fails_engine_start_up(vllm_workspace: Any) -> None:
-    workdir = vllm_workspace.dir("process-failure-strict")
-    env = _engine_env(vllm_workspace, workdir)
-    spec = {"model": str(vllm_workspace.model), "phases": [{"name": "never", "requests": SPEC_REQUESTS}]}
+@early_fixture
+def strict_engine_run(job: JobContext) -> dict[str, Any]:
+    """The strict engine, started until it fails: its child, how it failed, and what of its session outlived it."""
+    workdir = job.workspace.dir("process-failure-strict")
+    env = _engine_env(job, workdir)
+    spec = {"model": str(job.workspace.model), "phases": [{"name": "never", "requests": SPEC_REQUESTS}]}
     child: Child = start_child("engine", spec, env, workdir)
-    with pytest.raises(ChildFailed) as failed:
+    job.track(child.proc)
+    try:
         child.result(timeout=600)  # on timeout it stops the child's session and says "timed out"
-    assert "timed out" not in str(failed.value), failed.value
+        failure = None
+    except ChildFailed as exc:
+        failure = str(exc)
+    # Nothing the child started may outlive it: measured as it ends (a guard against a hang: they go within seconds).
+    deadline = time.monotonic() + 60
+    while (left := _session_processes(child.proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return {"child": child, "workdir": workdir, "failure": failure, "left": left}
+
+
+def test_strict_a_patch_failing_in_the_engine_core_fails_engine_start_up(strict_engine_run: dict[str, Any]) -> None:
+    child, workdir = strict_engine_run["child"], strict_engine_run["workdir"]
+    failure = strict_engine_run["failure"]
+    assert failure is not None, "the engine started, with a patch failing in its EngineCore"
+    assert "timed out" not in failure, failure
     assert child.proc.returncode not in (0, None)
     assert not (workdir / "result.json").exists()
     text = child.log.read_text(errors="replace")
@@ -207,20 +220,26 @@ def test_strict_a_patch_failing_in_the_engine_core_fails_engine_start_up(vllm_wo
     assert not [line for line in lines if "cannot be honoured" in line["text"] and line["pid"] != engine_core]
     # The parent gave up on the engine, with vLLM's own error pointing at the cause above.
     assert "RuntimeError: Engine core initialization failed. See root cause above." in text
-    # Nothing was served, and nothing the child started outlives it.
+    # Nothing was served, and nothing the child started outlived it.
     assert not (workdir / "probe.jsonl").exists()
-    deadline = time.monotonic() + 60  # a guard against a hang: they go within seconds
-    while (left := _session_processes(child.proc.pid)) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not left, f"processes of the failed engine still running: {left}"
+    assert not strict_engine_run["left"], f"processes of the failed engine still running: {strict_engine_run['left']}"
 
 
-def test_non_strict_the_engine_serves_and_the_engine_core_logs_the_failed_patch(vllm_workspace: Any) -> None:
-    workdir = vllm_workspace.dir("process-failure-lax")
-    env = _engine_env(vllm_workspace, workdir, VLLM_CUSTOM_PATCHES_STRICT="0")
-    spec = {"model": str(vllm_workspace.model), "phases": [{"name": "served", "requests": SPEC_REQUESTS}]}
-    result = run_child("engine", spec, env, workdir, timeout=600)
+@early_fixture
+def lenient_engine_run(job: JobContext) -> dict[str, Any]:
+    """The engine with ``VLLM_CUSTOM_PATCHES_STRICT=0``, run to the end of its requests; its child's result."""
+    workdir = job.workspace.dir("process-failure-lax")
+    env = _engine_env(job, workdir, VLLM_CUSTOM_PATCHES_STRICT="0")
+    spec = {"model": str(job.workspace.model), "phases": [{"name": "served", "requests": SPEC_REQUESTS}]}
+    child = start_child("engine", spec, env, workdir)
+    job.track(child.proc)
+    return {**child.result(timeout=600), "workdir": str(workdir)}
 
+
+def test_non_strict_the_engine_serves_and_the_engine_core_logs_the_failed_patch(
+    lenient_engine_run: dict[str, Any],
+) -> None:
+    result, workdir = lenient_engine_run, Path(lenient_engine_run["workdir"])
     # Served normally.
     served = result["phases"]["served"]
     assert sorted(served["finished"]) == ["r0", "r1"]
