@@ -286,9 +286,7 @@ def test_original_reaches_the_next_layer_inward_whatever_self_is() -> None:
     assert inner.original("m") is Target.__dict__["_original_m"]
 
 
-def test_the_innermost_layer_reads_the_targets_original_at_each_call_as_a_single_patch_does() -> None:
-    # A test standing in for vLLM's original by setting Target._original_m (the example package's
-    # template does) reaches its stand-in from a single patch and from a stack's innermost layer.
+def test_a_single_patch_reads_the_targets_original_at_each_call_a_stack_is_linked_by_the_framework() -> None:
     class Single(VLLMPatch[Target]):
         def m(self, x: int = 0) -> str:
             return "S>" + Single.original("m")(self, x)  # type: ignore[no-any-return]
@@ -296,19 +294,34 @@ def test_the_innermost_layer_reads_the_targets_original_at_each_call_as_a_single
     def stand_in(self: Any, x: int = 0) -> str:
         return f"stand-in{x}"
 
-    for patches in ([Single], [layer("outer", order=1), layer("inner")]):
-        for patch in patches:
-            patch.apply()
-        kept = vars(Target)["_original_m"]
+    # Not stackable: original() is what the target holds as _original_m when called, as it always was
+    # (a test may stand in for vLLM's original by setting it).
+    Single.apply()
+    kept = vars(Target)["_original_m"]
+    Target._original_m = stand_in  # type: ignore[attr-defined]
+    try:
+        assert Single.original("m") is stand_in and Target().m(1) == "S>stand-in1"
+    finally:
+        Target._original_m = kept  # type: ignore[attr-defined]
+        Single.rollback()
+    # A stack: every layer's next is linked by the framework (one C-level lookup); replacing
+    # _original_m under it is an outside change. A stand-in goes in before the layers are applied.
+    outer, inner = layer("outer", order=1), layer("inner")
+    real = vars(Target)["m"]
+    Target.m = stand_in  # type: ignore[assignment]
+    try:
+        outer.apply()
+        inner.apply()
+        assert inner.original("m") is stand_in and Target().m(1) == "outer>inner>stand-in1"
+        Target._original_m = real  # type: ignore[attr-defined]
+        assert Target().m(1) == "outer>inner>stand-in1"
+        with pytest.raises(PatchConflictError, match=r"Target._original_m was replaced"):
+            inner.rollback()
         Target._original_m = stand_in  # type: ignore[attr-defined]
-        try:
-            assert patches[-1].original("m") is stand_in
-            expected = "S>stand-in1" if len(patches) == 1 else "outer>inner>stand-in1"
-            assert Target().m(1) == expected
-        finally:
-            Target._original_m = kept  # type: ignore[attr-defined]
-            for patch in patches:
-                patch.rollback()
+        assert inner.rollback() and outer.rollback()
+        assert vars(Target)["m"] is stand_in
+    finally:
+        Target.m = real  # type: ignore[method-assign]
 
 
 def test_original_is_resolved_at_call_time() -> None:

@@ -77,21 +77,22 @@ def test_apply_grafts_init_and_schedule_onto_the_real_scheduler(vllm_patches: An
 
 
 def test_schedule_reorders_the_waiting_queue_in_place_then_calls_the_original(
-    vllm_patches: Any, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch, vllm_patches: Any
 ) -> None:
     from vllm.v1.core.sched.request_queue import FCFSRequestQueue
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    vllm_patches.apply(LifoAdmission)
     seen: list[tuple[Any, list[str], bool]] = []
 
     def original(self: Any, throttle_prefills: bool = False) -> str:
         seen.append((self.waiting, _ids(self.waiting), throttle_prefills))
         return "scheduler output"
 
-    # Stand in for vLLM's own schedule for this test (monkeypatch undoes it
-    # before vllm_patches checks the rollback).
-    monkeypatch.setattr(Scheduler, "_original_schedule", original)
+    # Stand in for vLLM's own schedule before applying: the patch (stackable, so its original()
+    # is linked when it is applied) keeps the stand-in as the original. vllm_patches comes after
+    # monkeypatch in the arguments, so it rolls back first, and monkeypatch then puts vLLM's back.
+    monkeypatch.setattr(Scheduler, "schedule", original)
+    vllm_patches.apply(LifoAdmission)
     waiting = FCFSRequestQueue([_request("a", 1.0), _request("b", 2.0), _request("c", 3.0)])
     stub = SimpleNamespace(waiting=waiting)  # no _original_schedule: original() still finds it
 

@@ -150,12 +150,13 @@ class Originals(dict[str, object]):
     """A patch class's ``original()`` table: member -> what the member's next layer inward gives.
 
     Made with the class; ``P.original`` is its ``__getitem__`` (see ``stacks``).
-    An entry is a stack's next layer (a C-level dict hit).  vLLM's own
-    original is not an entry but is read from the target's ``_original_<name>``
-    at each call (``through``, on a miss), as ``getattr(Target,
-    "_original_<name>")`` gives it: what a single patch's ``original()`` has
-    always been, so a test that stands in for vLLM's original by setting
-    ``Target._original_<name>`` still reaches its stand-in.  The ledger keeps
+    A stackable patch's members are entries: the next layer, vLLM's original
+    for the innermost (a C-level dict hit).  A patch that is not stackable has
+    no entries: its members are read from the target's ``_original_<name>`` at
+    each call (``through``, on a miss), as ``getattr(Target,
+    "_original_<name>")`` gives it, what its ``original()`` has always been (a
+    test that stands in for vLLM's original by setting
+    ``Target._original_<name>`` still reaches its stand-in).  The ledger keeps
     both current under the registry's lock.
     """
 

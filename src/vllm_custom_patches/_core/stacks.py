@@ -13,9 +13,9 @@ bound to the target, a property object).  So in an outer layer
 reads the chain as it is when the call is made, because the ledger rewrites
 the entries (under the registry's lock) whenever a layer joins or leaves,
 innermost first, so that a call racing with the change always finds a
-complete chain, old or new.  The innermost layer (and a patch that is not
-stackable) has no entry: its ``original("m")`` misses and reads the target's
-``_original_m`` at the call, exactly as a single patch's always did.
+complete chain, old or new.  A patch that is not stackable has no entry: its
+``original("m")`` misses and reads the target's ``_original_m`` at the call,
+exactly as a single patch's always did (slower: a Python-level fallback).
 
 The order depends only on the set of applied layers (:attr:`Layer.key`):
 higher ``order`` outer, equal order the name that sorts first outer.  Rolling
@@ -168,9 +168,12 @@ def relink(stacks: dict[tuple[type, str], Stack], lingerers: Lingerers, target: 
 
 
 def link(table: Originals, stack: Stack, key: tuple[int, str]) -> None:
-    """Point the applied layer at ``key`` at its next layer: an entry, or the target's original for the innermost."""
-    inner = stack.inner_of(key)
-    if inner is stack.base:
-        table.link_through(stack.name, stack.target)
-    else:
-        table.link(stack.name, class_get(inner, stack.target))
+    """Point the applied layer at ``key`` at its next layer: a table entry, vLLM's original for the innermost.
+
+    Always an entry, so every layer's ``original()`` is one C-level lookup.
+    The innermost layer's entry is the stack's base, not a read of the
+    target's ``_original_<name>``: replacing that attribute under a stack is
+    an outside change (join and rollback refuse it), and a test that stands in
+    for vLLM's original replaces the member before applying the patch.
+    """
+    table.link(stack.name, class_get(stack.inner_of(key), stack.target))
