@@ -18,6 +18,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _early import SESSION_ENV, JobContext, early_fixture
 
 pytestmark = pytest.mark.vllm
 
@@ -59,10 +60,10 @@ def _package(root: Path, factor: str) -> Path:
     return root
 
 
-def _keys(runs: list[tuple[Path, dict[str, str]]]) -> list[dict[str, str]]:
+def _keys(job: JobContext, runs: list[tuple[Path, dict[str, str]]]) -> list[dict[str, str]]:
     procs = []
     for root, extra in runs:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+        env = {k: v for k, v in SESSION_ENV.items() if not k.startswith("VLLM_")}
         env.update(
             PYTHONPATH=os.pathsep.join([str(root), *sys.path]),
             VLLM_CUSTOM_PATCHES="ck_layer_patch",
@@ -70,10 +71,13 @@ def _keys(runs: list[tuple[Path, dict[str, str]]]) -> list[dict[str, str]]:
             **extra,
         )
         procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", _KEY], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            job.track(
+                subprocess.Popen(
+                    [sys.executable, "-c", _KEY], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                    start_new_session=True,
+                )
             )
-        )
+        )  # fmt: skip
     keys = []
     for proc in procs:
         out, err = proc.communicate(timeout=300)
@@ -82,15 +86,25 @@ def _keys(runs: list[tuple[Path, dict[str, str]]]) -> list[dict[str, str]]:
     return keys
 
 
-def test_vllms_compile_key_changes_with_the_patch_code_and_not_with_its_settings(tmp_path: Path) -> None:
-    v1, v2 = _package(tmp_path / "v1", "1"), _package(tmp_path / "v2", "2")
-    first, again, new_code = _keys(
+@early_fixture
+def compile_keys(job: JobContext) -> list[dict[str, str]]:
+    """The keys of three fresh processes, side by side: an early job (it runs while the unit tests do)."""
+    root = job.workspace.dir("compile-key")
+    v1, v2 = _package(root / "v1", "1"), _package(root / "v2", "2")
+    return _keys(
+        job,
         [
-            (v1, {"VLLM_CUSTOM_PATCHES_TRACE_FILE": str(tmp_path / "a.jsonl")}),
-            (v1, {"VLLM_CUSTOM_PATCHES_TRACE_FILE": str(tmp_path / "b.jsonl")}),  # another run's setting
-            (v2, {"VLLM_CUSTOM_PATCHES_TRACE_FILE": str(tmp_path / "a.jsonl")}),  # the patch's next version
-        ]
+            (v1, {"VLLM_CUSTOM_PATCHES_TRACE_FILE": str(root / "a.jsonl")}),
+            (v1, {"VLLM_CUSTOM_PATCHES_TRACE_FILE": str(root / "b.jsonl")}),  # another run's setting
+            (v2, {"VLLM_CUSTOM_PATCHES_TRACE_FILE": str(root / "a.jsonl")}),  # the patch's next version
+        ],
     )
+
+
+def test_vllms_compile_key_changes_with_the_patch_code_and_not_with_its_settings(
+    compile_keys: list[dict[str, str]],
+) -> None:
+    first, again, new_code = compile_keys
     assert first["patches"].startswith("ck_layer_patch;ck_layer_patch=sha256:")
     assert first == again
     assert new_code["hash"] != first["hash"] and new_code["patches"] != first["patches"]
