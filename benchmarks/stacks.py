@@ -16,7 +16,10 @@ layers (D = 2 and 4), each returning ``<next layer>(x) + 0``:
   orders), each calling ``P.original("m")(self, x)``, which is resolved at
   every call (a layer rolled back or added later changes what it reaches).
 
-``original()`` alone: ``P.original("m")`` against the registry lookup it was
+``original()`` alone, in an outer and in the innermost layer (table entries)
+and in a patch that is not stackable (which reads the target's
+``_original_m`` at each call, as before stacks): ``P.original("m")`` against
+the registry lookup it was
 before (a Python class method: ``REGISTRY.applied.get(name)`` then
 ``getattr(target, "_original_m")``) and against one Python frame (calling a
 trivial function), so that "costs more than a frame" can be read off.
@@ -69,6 +72,14 @@ for k in range(DEPTH):
     NEXT[k] = Target.__dict__["m"]
     exec(f"def m(self, x):\\n    return NEXT[{k}](self, x) + 0", globals())
     Target.m = m
+obj = Target()
+"""
+PLAIN = """
+class Plain(VLLMPatch[Target]):
+    name = PREFIX + "plain"
+    def m(self, x):
+        return Plain.original("m")(self, x) + 0
+Plain.apply()
 obj = Target()
 """
 STACK = """
@@ -177,10 +188,21 @@ def run(options: RunOptions) -> SectionResult:
         ]
         # original() alone: the same stack's outermost layer, the legacy lookup, one frame.
         outer = PatchManager.get(next(n for n in PatchManager.applied() if n.endswith("_3")))
+        innermost = PatchManager.get(next(n for n in PatchManager.applied() if n.endswith("_0")))
+        single_obj = _build("plain", PLAIN, 1)
+        single = PatchManager.get(next(n for n in PatchManager.applied() if n.endswith("_plain")))
+        assert single_obj.m(1) == 2
         # The same table lookup on a plain class: what a patch class's metaclass costs (CPython 3.11
         # does not specialise an attribute load on a class whose metaclass is not type).
         plain = type("PlainClass", (), {"original": outer.original})
-        lookups = {"original": outer, "plain": plain, "legacy": _LegacyOriginal(outer).cls, "frame": _Frame}
+        lookups = {
+            "original": outer,
+            "innermost": innermost,
+            "single": single,
+            "plain": plain,
+            "legacy": _LegacyOriginal(innermost).cls,
+            "frame": _Frame,
+        }
         for key, obj in lookups.items():
             timer = make_call_loop(obj, "original", "m")
             subjects.append(Subject(key, timer, calibrate(timer, 20e6, 20_000, 400_000)))
@@ -206,7 +228,9 @@ def run(options: RunOptions) -> SectionResult:
         rows.append(_ratio_row("unpatched", samples, "unpatched", "hand2"))
         n_rounds = len(samples["unpatched"])
         original_rows = [_ratio_row(label, samples, key, "frame") for key, label in (
-            ("original", "P.original('m') (the table's C lookup)"),
+            ("original", "P.original('m'), an outer layer (the table's entry)"),
+            ("innermost", "P.original('m'), the innermost layer (its entry: vLLM's original)"),
+            ("single", "P.original('m'), a patch that is not stackable (reads the target's _original_m)"),
             ("plain", "the same lookup on a class without metaclass"),
             ("legacy", "registry lookup per call (before stacks)"),
             ("frame", "one Python call (a frame)"),
