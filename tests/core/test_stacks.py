@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import itertools
+import random
 import threading
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -610,3 +611,57 @@ def test_a_call_inside_a_layer_rolled_back_completes_and_new_calls_skip_it() -> 
     assert dict(Slow._vcp_originals) == {} and Slow._vcp_originals.through == {}
     with pytest.raises(PatchTargetError, match="is not applied"):
         Slow.original("m")
+
+
+def _run_threads(worker: Callable[[int], None], count: int) -> None:
+    """``worker(i)`` on ``count`` threads released together; a deadlock fails (hang guard only)."""
+    barrier = threading.Barrier(count)
+
+    def released(index: int) -> None:
+        barrier.wait()
+        worker(index)
+
+    threads = [threading.Thread(target=released, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(_HANG_GUARD_S * 2)
+    assert not any(thread.is_alive() for thread in threads), "deadlock"
+
+
+def test_threads_applying_and_rolling_back_layers_leave_the_chain_the_applied_set_gives() -> None:
+    before = snapshot_namespace(Target)
+    layers = [layer("l0"), layer("l1", order=1), layer("l2", order=-1), layer("l3")]
+
+    class PlainM(VLLMPatch[Target]):
+        def m(self, x: int = 0) -> str:
+            return "plain"
+
+    patches = [*layers, PlainM]
+    errors: list[BaseException] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        for _ in range(150):
+            patch = rng.choice(patches)
+            try:
+                if rng.random() < 0.5:
+                    patch.apply()
+                else:
+                    patch.rollback()
+            except PatchConflictError:
+                pass  # the plain patch and the layers exclude each other
+            except BaseException as exc:
+                errors.append(exc)
+
+    _run_threads(worker, 6)
+    assert errors == []
+    applied = [patch for patch in layers if patch.is_applied()]
+    if PlainM.is_applied():
+        assert applied == [] and Target().m(1) == "plain"
+    else:
+        ordered = sorted(applied, key=lambda patch: (-patch._vcp_spec.order, patch.name))
+        assert Target().m(1) == "".join(f"{patch.name}>" for patch in ordered) + "T1"
+    PatchManager.rollback_all()
+    before.assert_unchanged()
+    assert PatchManager._registry.stacks == {}
