@@ -112,7 +112,8 @@ def test_a_layer_rollback_refused_elsewhere_is_undone_here_back_into_its_place(s
 def test_each_process_record_and_the_status_table_show_the_chains(stack: None) -> None:
     record = process_record("engine_core", dp_rank=0)
     assert record["stacks"] == [CHAIN]
-    assert {patch["name"]: patch["stacks"] for patch in record["patches"]} == {
+    mine = {"inner", "outer", "middle"}  # other test modules may have registered patches of their own
+    assert {patch["name"]: patch["stacks"] for patch in record["patches"] if patch["name"] in mine} == {
         "inner": [CHAIN],
         "outer": [CHAIN],
         "middle": [CHAIN],
