@@ -19,7 +19,7 @@ import pytest
 
 from vllm_custom_patches.testing import EngineRun, run_engine
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 # Prompt lengths out of order: vLLM's FCFS admits 0, 1, 2, 3; shortest first admits 1, 3, 2, 0.
 PROMPTS = [[7 + i for i in range(n)] for n in (20, 5, 12, 8)]
