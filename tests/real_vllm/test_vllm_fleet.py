@@ -288,6 +288,22 @@ def test_the_kill_switch_reaches_the_engine_core_of_every_data_parallel_rank(dp_
     assert _status(dp_server)["consistent"] is True
 
 
+def test_a_status_read_right_after_a_change_shows_it_whichever_api_server_answers(dp_server: Cluster) -> None:
+    # --data-parallel-size 2 starts two API servers on the one port, each with its own view of the
+    # server (reused for up to a second); either may take the change and either the next GET.
+    answered_by = set()
+    for round_ in range(10):
+        for action, expected in (("rollback", []), ("apply", ["scheduler_trace"])):
+            code, report = _post(f"{dp_server.url}/custom_patches/scheduler_trace/{action}", CONTROL_TOKEN)
+            assert code == 200 and report["ok"], report
+            for _ in range(2):
+                status = _status(dp_server)
+                answered_by.update(p["pid"] for p in _by_role(status, "api_server"))  # the one that answered
+                shown = [c["applied"] for c in _by_role(status, "engine_core")]
+                assert shown == [expected] * 2, f"round {round_}: the status right after the {action} shows {shown}"
+    assert len(answered_by) == 2, answered_by  # both API servers were read
+
+
 # -- multi-node: three nodes, one started without VLLM_CUSTOM_PATCHES ----------------------
 
 
