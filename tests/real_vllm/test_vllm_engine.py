@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from _engine import SPF_REQUESTS, TENANT_REQUESTS, run_child, user_id
+from _early import JobContext, early_fixture
+from _engine import SPF_REQUESTS, TENANT_REQUESTS, start_child, user_id
 
 from vllm_custom_patches_catalogue.scheduler_trace import read_trace
 
@@ -35,13 +36,13 @@ def admitted(trace: list[dict[str, Any]], prefix: str) -> list[str]:
     return order
 
 
-@pytest.fixture(scope="module")
-def in_process(vllm_workspace: Any) -> dict[str, Any]:
-    """One in-process engine; patches applied and rolled back between phases with the Python API."""
-    workdir = vllm_workspace.dir("engine-in-process")
+@early_fixture
+def in_process(job: JobContext) -> dict[str, Any]:
+    """One in-process engine; patches applied and rolled back between phases with the Python API (an early job)."""
+    workdir = job.workspace.dir("engine-in-process")
     trace_file = workdir / "trace.jsonl"
     spec = {
-        "model": str(vllm_workspace.model),
+        "model": str(job.workspace.model),
         "import": ["shortest_prompt_first", "fair_share", "scheduler_trace"],
         "phases": [
             {"name": "fcfs", "apply": ["scheduler_trace"], "requests": SPF_SPEC},
@@ -51,8 +52,10 @@ def in_process(vllm_workspace: Any) -> dict[str, Any]:
             {"name": "fair", "apply": ["fair_share"], "requests": TENANT_SPEC},
         ],
     }
-    env = vllm_workspace.env(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CUSTOM_PATCHES_TRACE_FILE=str(trace_file))
-    result = run_child("engine", spec, env, workdir)
+    env = job.env(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CUSTOM_PATCHES_TRACE_FILE=str(trace_file))
+    child = start_child("engine", spec, env, workdir)
+    job.track(child.proc)
+    result = child.result(timeout=600)
     result["trace"] = read_trace(trace_file)
     return result
 
