@@ -1,8 +1,11 @@
 """The kill switch on a real ``vllm serve``: a patch rolled back and re-applied in every process, live.
 
 One tensor-parallel-2 server for the module (API server, engine core, two
-workers) with ``shortest_prompt_first``, ``scheduler_trace`` and a worker-side
-patch selected (it also shows where each patch runs with tensor parallelism) and ``VLLM_CUSTOM_PATCHES_CONTROL_TOKEN`` set.  Each test leaves
+workers) with ``shortest_prompt_first``, ``scheduler_trace``, a worker-side
+patch (it also shows where each patch runs with tensor parallelism) and the
+example package's stackable observer ``schedule_log`` (stacked outside
+``shortest_prompt_first`` on ``Scheduler.schedule``) selected, and
+``VLLM_CUSTOM_PATCHES_CONTROL_TOKEN`` set.  Each test leaves
 every patch applied, as it found it.  Evidence comes from inside the processes:
 the scheduler trace (written by the engine core) shows the admission order
 the live scheduler chose; the worker patch writes its rank and pid from each
@@ -55,6 +58,8 @@ class ControlServer:
     trace: Path
     witness: Path
     tamper: Path
+    observed: Path
+    """``schedule_log``'s file: one JSON line per scheduler step that admitted requests."""
     gate: Path
     """The AdmissionGate's log: one line per request it held."""
     reference: list[int]
@@ -75,7 +80,8 @@ def server(vllm_workspace: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
     env = vllm_workspace.env(
         **tp2,
         VLLM_PLUGINS="custom_patches",
-        VLLM_CUSTOM_PATCHES="shortest_prompt_first,scheduler_trace,RankWitness,AdmissionGate",
+        VLLM_CUSTOM_PATCHES="shortest_prompt_first,scheduler_trace,RankWitness,AdmissionGate,schedule_log",
+        VLLM_PATCHES_EXAMPLE_SCHEDULE_LOG=str(tmp / "schedule_log.jsonl"),
         VLLM_CUSTOM_PATCHES_PATH=str(write_admission_gate(write_rank_witness(tmp / "patches"))),
         VCP_GATE_LENGTHS=",".join(str(length) for length, _ in ORDERED),
         VCP_GATE_LOG=str(tmp / "gate.jsonl"),
@@ -95,7 +101,7 @@ def server(vllm_workspace: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
         assert baseline.processes and not any(p.applied for p in baseline.processes)
         print(f"tensor parallel 2 with control ready in {wait_ready(port, {log: proc}, timeout=600):.1f}s")
         yield ControlServer(port, model, proc, log, tmp / "trace.jsonl", tmp / "ranks.jsonl", tmp / "tamper-now",
-                            tmp / "gate.jsonl", list(baseline.outputs[0]))  # fmt: skip
+                            tmp / "schedule_log.jsonl", tmp / "gate.jsonl", list(baseline.outputs[0]))  # fmt: skip
     finally:
         _stop_group(proc)
 
@@ -222,6 +228,57 @@ def test_rollback_and_reapply_under_a_stream_of_requests_switch_the_live_schedul
           f"{statistics.median(loaded) * 1000:.0f} ms under load; {len(stream.outputs)} streamed requests, none failed")  # fmt: skip
     log = server.log.read_text(errors="replace")
     assert "rollback of patch 'shortest_prompt_first' requested by 127.0.0.1:" in log and "(p99 regression)" in log
+
+
+def _schedule_chain(server: ControlServer) -> str:
+    (core,) = [p for p in status(server)["processes"] if p["role"] == "engine_core"]
+    (line,) = [line for line in core.get("stacks", []) if line.startswith("Scheduler.schedule:")]
+    return str(line)
+
+
+def _observed(server: ControlServer) -> list[str]:
+    """The request ids ``schedule_log`` saw admitted, in order (from inside the engine core)."""
+    lines = server.observed.read_text().splitlines() if server.observed.exists() else []
+    return [rid for line in lines for rid in json.loads(line)["admitted"]]
+
+
+STACKED = "Scheduler.schedule: schedule_log (order 10) \u2192 shortest_prompt_first \u2192 vLLM"
+
+
+def test_the_kill_switch_removes_one_layer_of_a_live_stack_and_the_other_keeps_working(server: ControlServer) -> None:
+    assert _schedule_chain(server) == STACKED
+    seen = len(_observed(server))
+    assert _admission_order(server) == SHORTEST_FIRST
+    assert len(_observed(server)) >= seen + len(ORDERED)  # the outer layer saw them admitted
+
+    # The observer's layer goes; the policy inside it keeps ordering admission.
+    code, report = _control(server, "rollback", "schedule_log", body=b'{"reason": "layer test"}')
+    assert code == 200 and report["ok"], report
+    assert _schedule_chain(server) == "Scheduler.schedule: shortest_prompt_first \u2192 vLLM"
+    seen = len(_observed(server))
+    assert _admission_order(server) == SHORTEST_FIRST
+    assert len(_observed(server)) == seen  # no longer called
+    assert complete(server, PROBE, PROBE_TOKENS) == server.reference
+
+    # Back on top, whatever order the layers come and go in: the chain depends only on the set.
+    code, report = _control(server, "apply", "schedule_log")
+    assert code == 200 and report["ok"], report
+    assert _schedule_chain(server) == STACKED
+
+    # The policy's layer goes; the observer, now directly on vLLM's schedule, sees FCFS admission.
+    code, report = _control(server, "rollback", "shortest_prompt_first")
+    assert code == 200 and report["ok"], report
+    assert _schedule_chain(server) == "Scheduler.schedule: schedule_log (order 10) \u2192 vLLM"
+    seen = len(_observed(server))
+    assert _admission_order(server) == FCFS
+    assert len(_observed(server)) >= seen + len(ORDERED)
+    assert complete(server, PROBE, PROBE_TOKENS) == server.reference
+
+    code, report = _control(server, "apply", "shortest_prompt_first")
+    assert code == 200 and report["ok"], report
+    assert _schedule_chain(server) == STACKED
+    assert _admission_order(server) == SHORTEST_FIRST
+    assert status(server)["consistent"] is True
 
 
 def test_tensor_parallel_2_applies_a_worker_patch_in_both_ranks_and_the_scheduler_patch_in_the_engine_core(

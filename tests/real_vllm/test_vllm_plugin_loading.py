@@ -19,6 +19,7 @@ pytestmark = pytest.mark.vllm
 SPF = "vllm_custom_patches_catalogue.shortest_prompt_first"
 FAIR = "vllm_custom_patches_catalogue.fair_share"
 TRACE = "vllm_custom_patches_catalogue.scheduler_trace"
+LOG = "vllm_patches_example.schedule_log"
 
 CASES: dict[str, dict[str, str]] = {
     "named": {"VLLM_CUSTOM_PATCHES": "shortest_prompt_first, scheduler_trace", "trace": "1"},
@@ -73,12 +74,14 @@ def test_star_applies_what_can_be_applied_and_skips_the_conflicting_policy(resul
     result = results["star"]
     assert "error" not in result, result.get("error")
     after = result["after_import"]
-    # '*' takes patches in name order: fair_share owns Scheduler.schedule first,
-    # so shortest_prompt_first (best effort under '*') is skipped with the conflict.
-    assert result["applied"] == ["fair_share", "scheduler_trace"]
-    assert after["shortest_prompt_first"]["state"] == "skipped"
-    assert "conflicts with applied patch 'fair_share'" in after["shortest_prompt_first"]["reason"]
-    assert result["scheduler_members"] == {"__init__": FAIR, "schedule": FAIR, "_update_after_schedule": TRACE}
+    # '*' takes patches in name order: fair_share is the first admission policy (exclusive
+    # "queue-sort"), so the other two (best effort under '*') are skipped with the conflict; the
+    # example package's observer schedule_log stacks on fair_share, outermost (order 10).
+    assert result["applied"] == ["fair_share", "schedule_log", "scheduler_trace"]
+    for policy in ("lifo_admission", "shortest_prompt_first"):
+        assert after[policy]["state"] == "skipped"
+        assert "conflicts with applied patch 'fair_share'" in after[policy]["reason"]
+    assert result["scheduler_members"] == {"__init__": FAIR, "schedule": LOG, "_update_after_schedule": TRACE}
 
 
 @pytest.mark.parametrize(

@@ -25,16 +25,12 @@ pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 PROMPTS = [[7 + i for i in range(n)] for n in (20, 5, 12, 8)]
 SHORTEST_FIRST = (1, 3, 2, 0)
 CHAIN = "Scheduler.schedule: schedule_log (order 10) \u2192 shortest_prompt_first \u2192 vLLM"
-OBSERVER_FILE = "from vllm_patches_example.schedule_log import ScheduleLog  # noqa: F401  (registers it)\n"
 
 
 def _run(model: Path, workdir: Path, selection: str) -> tuple[EngineRun, list[str]]:
-    patches = workdir / "patches"
-    patches.mkdir(parents=True, mode=0o755)
-    (patches / "observer.py").write_text(OBSERVER_FILE)
-    (patches / "observer.py").chmod(0o644)
+    workdir.mkdir(parents=True)
     log = workdir / "admitted.jsonl"
-    env = {"VLLM_CUSTOM_PATCHES_PATH": str(patches), "VLLM_PATCHES_EXAMPLE_SCHEDULE_LOG": str(log)}
+    env = {"VLLM_PATCHES_EXAMPLE_SCHEDULE_LOG": str(log)}  # schedule_log by name: the package's entry point
     run = run_engine(
         model, patches=selection, prompts=PROMPTS, multiprocess=False, env=env, workdir=workdir / "engine", timeout=600
     )

@@ -7,10 +7,8 @@ catalogue's ``shortest_prompt_first`` or ``fair_share``, this package's
 calls it through ``ScheduleLog.original("schedule")``, the next layer inward.
 
 Enable: ``VLLM_CUSTOM_PATCHES=schedule_log`` (with a policy, in any order:
-``schedule_log,shortest_prompt_first``), with this module imported by a file
-in ``VLLM_CUSTOM_PATCHES_PATH`` (``from vllm_patches_example.schedule_log
-import ScheduleLog``): the package declares no entry point for it yet, since
-one would make every ``*`` selection stack it.  Each step that admits requests
+``schedule_log,shortest_prompt_first``); the package declares its entry point,
+so ``*`` selects it too (it only observes).  Each step that admits requests
 appends one JSON line ``{"pid": ..., "admitted": ["<request id>", ...]}`` to
 the file ``VLLM_PATCHES_EXAMPLE_SCHEDULE_LOG`` names (opened for appending,
 one ``write`` per line, so processes can share it); without the setting the
