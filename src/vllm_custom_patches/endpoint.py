@@ -25,12 +25,18 @@ The kill switch, ``POST /custom_patches/{name}/rollback`` and
 ``POST /custom_patches/{name}/apply``, changes a patch in every process of the
 running server, or in none (``_switch``): 200 done, 409 refused and undone
 everywhere, 500 when some process could not be put back (the report's
-``outcome`` is ``inconsistent`` and names them).  Those routes exist only when
-``VLLM_CUSTOM_PATCHES_CONTROL_TOKEN`` is set in the server's environment (at
-least 16 printable ASCII characters, no spaces), and require
-``Authorization: Bearer <that token>``: 403 without it or with another, 404
-for an unknown patch (listing the known ones), 422 for a body that is not a
-JSON object with at most a string ``reason``; none of these changes anything.
+``outcome`` is ``inconsistent`` and names them).  With ``"dp_ranks": [...]``
+in the body the change is made in the engine cores and workers of those
+data-parallel ranks only (a canary, with its rollout record, ``_rollouts``);
+``POST /custom_patches/{name}/promote`` then applies it everywhere.  Those
+routes exist only when ``VLLM_CUSTOM_PATCHES_CONTROL_TOKEN`` is set in the
+server's environment (at least 16 printable ASCII characters, no spaces), and
+require ``Authorization: Bearer <that token>``: 403 without it or with another
+(before the body is read), 404 for an unknown patch (listing the known ones),
+422 for a body that is not a JSON object of the action's fields (``reason``;
+for apply ``dp_ranks``, ``guards``, ``window_s``; for rollback ``dp_ranks``),
+naming what is wrong, or for a rank no engine core has; none of these changes
+anything.
 Every request, refused or not, is logged in vLLM's log with the client's
 address (and the reason given, control characters escaped); one change at a
 time.
@@ -44,6 +50,7 @@ import hmac
 import os
 import time
 from argparse import Namespace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -76,7 +83,6 @@ class CustomPatchesEndpoint:
         self._api_key_hashes: list[bytes] = []
         self._refresher: asyncio.Task[None] | None = None
         self._control_token_hash: bytes | None = None
-        self._control_lock: asyncio.Lock | None = None
 
     def attach_router(self, app: "FastAPI") -> None:
         from fastapi import APIRouter, Request
@@ -93,7 +99,11 @@ class CustomPatchesEndpoint:
         self._control_token_hash = _control_token_hash()
         if self._control_token_hash is not None:
 
-            @router.post(CONTROL_ROUTE, summary="vllm-custom-patches: roll a patch back or apply it in every process")
+            @router.post(
+                CONTROL_ROUTE,
+                summary="vllm-custom-patches: roll a patch back, apply it or promote its canary (every process, "
+                "or the chosen data-parallel ranks)",
+            )
             async def custom_patches_control(name: str, action: str, request: Request) -> JSONResponse:
                 status, body = await self._control(name, action, request)
                 return JSONResponse(body, status_code=status)
@@ -125,8 +135,9 @@ class CustomPatchesEndpoint:
 
     async def _control(self, name: str, action: str, request: Any) -> "tuple[int, dict[str, Any]]":
         from ._core.log import logger
-        from ._ops.control import ACTIONS
-        from ._ops.switch import HTTP_STATUS, change, known_patches, summary
+        from ._ops.fleet import engine_ranks
+        from ._ops.guards import GuardError, parse_guards
+        from ._ops.switch import HTTP_STATUS, control, known_patches, one_at_a_time, summary
 
         client = request.client
         who = f"{client.host}:{client.port}" if client else "unknown client"
@@ -143,23 +154,36 @@ class CustomPatchesEndpoint:
                 action, name, who, "no bearer token" if not header else "wrong token",
             )  # fmt: skip
             return 403, {"error": "Forbidden: send Authorization: Bearer <VLLM_CUSTOM_PATCHES_CONTROL_TOKEN>"}
-        if action not in ACTIONS:
-            return 404, {"error": f"unknown action {action!r}; use one of: {', '.join(ACTIONS)}"}
-        reason, problem = _parse_body(await request.body())
+        if action not in CONTROL_ACTIONS:
+            return 404, {"error": f"unknown action {action!r}; use one of: {', '.join(CONTROL_ACTIONS)}"}
+        body, problem = _parse_body(await request.body(), action)
+        if problem is None:
+            known = known_patches()
+            if name not in known:
+                logger.warning("vllm-custom-patches control: %s of unknown patch %r from %s refused", action, name, who)
+                return 404, {"error": f"no patch named {name!r}", "known": known}
+            problem = _unknown_ranks(body.dp_ranks, engine_ranks(self._engine_client))
+        guards: list[str] = []
+        if problem is None and body.guards:
+            try:
+                guards = [guard.text for guard in parse_guards(body.guards)]
+            except GuardError as exc:
+                problem = str(exc)
         if problem:
             logger.warning("vllm-custom-patches control: %s of %r from %s refused: %s", action, name, who, problem)
             return 422, {"error": problem}
-        known = known_patches()
-        if name not in known:
-            logger.warning("vllm-custom-patches control: %s of unknown patch %r from %s refused", action, name, who)
-            return 404, {"error": f"no patch named {name!r}", "known": known}
-        if self._control_lock is None:
-            self._control_lock = asyncio.Lock()
+        reason = body.reason
         requester = f"{who}" + (f" ({reason})" if reason else "")
-        async with self._control_lock:  # one change at a time; the next waits
-            logger.warning("vllm-custom-patches control: %s of patch %r requested by %s", action, name, requester)
+        where = f" on dp ranks {body.dp_ranks}" if body.dp_ranks is not None else ""
+        async with one_at_a_time():  # one change at a time (a guard's included); the next waits
+            logger.warning(
+                "vllm-custom-patches control: %s of patch %r%s requested by %s", action, name, where, requester
+            )
             try:
-                report = await change(self._engine_client, action, name, requester)
+                report = await control(
+                    self._engine_client, action, name, who,
+                    reason=reason, dp_ranks=body.dp_ranks, guards=guards, window_s=body.window_s,
+                )  # fmt: skip
             finally:
                 self._epoch.advance()  # before the answer: no API server of this server serves an older view
             logger.warning("vllm-custom-patches control: %s", summary(report))
@@ -167,7 +191,49 @@ class CustomPatchesEndpoint:
                 await self._status.refresh()  # the status route and the metric show the new state at once
             except Exception:
                 logger.warning("vllm-custom-patches: refreshing the status after a change failed", exc_info=True)
+        rollout = report.get("rollout")
+        if report["ok"] and action == "apply" and rollout and rollout["guards"]:  # a canary began, with guards
+            self._watch(rollout)
         return HTTP_STATUS[report["outcome"]], report
+
+    def _watch(self, rollout: "dict[str, Any]") -> None:
+        """Have the guardian (``_ops.guardian``) watch a canary's guards from this API server."""
+        import importlib
+
+        from ._core.log import logger
+
+        async def end(engine_client: Any, patch: str, figures: "dict[str, Any]", reason: str) -> "dict[str, Any]":
+            # Only this rollout: a guard whose canary was ended (and another begun) ends nothing.
+            return await self._end_by_guard(patch, figures, reason, rollout["id"])
+
+        try:
+            # Looked up at run time: the guardian is its own module, which a build may lack.
+            guardian = importlib.import_module("vllm_custom_patches._ops.guardian")
+            guardian.watch(self._engine_client, rollout, end=end)
+        except Exception:  # the rollout stands; its guards are not watched, and the log says so
+            logger.error(
+                "vllm-custom-patches: the guards of rollout %s of %r are NOT watched: starting the guardian failed",
+                rollout["id"], rollout["patch"], exc_info=True,
+            )  # fmt: skip
+
+    async def _end_by_guard(
+        self, name: str, figures: "dict[str, Any]", reason: str, rollout_id: "str | None" = None
+    ) -> "dict[str, Any]":
+        """The guardian's way to roll a canary back: serialized with the control routes, shown at once, logged."""
+        from ._core.log import logger
+        from ._ops.switch import end_by_guard, one_at_a_time, summary
+
+        async with one_at_a_time():
+            try:
+                report = await end_by_guard(self._engine_client, name, figures, reason, rollout_id=rollout_id)
+            finally:
+                self._epoch.advance()
+            logger.warning("vllm-custom-patches guard: %s", summary(report))
+            try:
+                await self._status.refresh()
+            except Exception:
+                logger.warning("vllm-custom-patches: refreshing the status after a change failed", exc_info=True)
+        return report
 
     def _read_epoch(self) -> str:
         return self._epoch.read()  # the epoch of the address init_state was given, once it was
@@ -219,33 +285,95 @@ def _control_token_hash() -> "bytes | None":
 
     route_to_vllm_handler()
     logger.warning(
-        "vllm-custom-patches: %s is set: POST %s/{name}/rollback and /apply change patches in every process "
-        "of this server for whoever holds that token",
+        "vllm-custom-patches: %s is set: POST %s/{name}/rollback, /apply and /promote change patches in every "
+        "process of this server (or on chosen data-parallel ranks) for whoever holds that token",
         ENV_CONTROL_TOKEN,
         ROUTE,
     )
     return hashlib.sha256(token.encode()).digest()
 
 
-def _parse_body(raw: bytes) -> "tuple[str, str | None]":
-    """The optional body: ``{"reason": "..."}``; returns (reason, problem)."""
+CONTROL_ACTIONS = ("rollback", "apply", "promote")
+_FIELDS = {
+    "apply": ("reason", "dp_ranks", "guards", "window_s"),
+    "rollback": ("reason", "dp_ranks"),
+    "promote": ("reason",),
+}
+"""The body fields each control action takes."""
+
+
+@dataclass
+class _Body:
+    """A control request's body, checked."""
+
+    reason: str = ""
+    dp_ranks: "list[int] | None" = None
+    guards: "list[Any] | None" = None
+    """As sent: ``_ops.guards.parse_guards`` checks them."""
+    window_s: "float | None" = None
+
+
+def _parse_body(raw: bytes, action: str = "apply") -> "tuple[_Body, str | None]":
+    """The optional body of a control request, e.g. ``{"reason": "...", "dp_ranks": [1]}``; returns (body, problem)."""
     import json
 
+    from ._ops.rollouts import check_dp_ranks, check_window
+
     if not raw.strip():
-        return "", None
+        return _Body(), None
     try:
         body = json.loads(raw)
     except ValueError as exc:
-        return "", f'the body is not JSON ({exc}); send none, or a JSON object such as {{"reason": "..."}}'
+        return _Body(), f'the body is not JSON ({exc}); send none, or a JSON object such as {{"reason": "..."}}'
     if not isinstance(body, dict):
-        return "", f'the body must be a JSON object such as {{"reason": "..."}}, not {type(body).__name__}'
-    unknown = sorted(set(body) - {"reason"})
+        return _Body(), f'the body must be a JSON object such as {{"reason": "..."}}, not {type(body).__name__}'
+    fields = _FIELDS.get(action, ("reason",))
+    unknown = sorted(set(body) - set(fields))
     if unknown:
-        return "", f"unknown field(s) {', '.join(map(repr, unknown))} in the body; the only one is 'reason'"
+        problem = (
+            f"unknown field(s) {', '.join(map(repr, unknown))} in the body of {action}; "
+            f"its fields are {', '.join(map(repr, fields))}"
+        )
+        if {"tp_ranks", "pp_ranks"} & set(unknown):
+            problem += (
+                "; a canary is chosen by data-parallel rank only: the tensor- and pipeline-parallel workers of "
+                "one rank must run the same code"
+            )
+        return _Body(), problem
     reason = body.get("reason", "")
     if not isinstance(reason, str) or len(reason) > 500:
-        return "", "'reason' must be a string of at most 500 characters"
-    return _printable(reason), None
+        return _Body(), "'reason' must be a string of at most 500 characters"
+    parsed = _Body(reason=_printable(reason))
+    try:
+        if "dp_ranks" in body:
+            parsed.dp_ranks = check_dp_ranks(body["dp_ranks"])
+        if "window_s" in body:
+            parsed.window_s = check_window(body["window_s"])
+    except ValueError as exc:
+        return _Body(), str(exc)
+    if "guards" in body:
+        if not isinstance(body["guards"], list):
+            return _Body(), '\'guards\' must be a list of strings such as ["ttft_p99<=1.2x", "errors==0"]'
+        parsed.guards = body["guards"]
+    if parsed.guards and parsed.dp_ranks is None:
+        return _Body(), "'guards' watch a canary: give 'dp_ranks' too (the ranks to apply the patch on)"
+    if parsed.window_s is not None and not parsed.guards:
+        return (
+            _Body(),
+            "'window_s' is how long a guard must be broken before it rolls the canary back: give 'guards' too",
+        )
+    return parsed, None
+
+
+def _unknown_ranks(dp_ranks: "list[int] | None", ranks: "list[int]") -> "str | None":
+    """Why ``dp_ranks`` cannot be used on a server whose engine cores have ``ranks``, or None."""
+    if dp_ranks is None:
+        return None
+    missing = [rank for rank in dp_ranks if rank not in ranks]
+    if not missing:
+        return None
+    have = f"this server's engine cores have dp ranks {ranks}" if ranks else "this server has no engine core to reach"
+    return f"no engine core has dp rank(s) {missing}; {have}"
 
 
 def _printable(text: str) -> str:

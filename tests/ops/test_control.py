@@ -225,14 +225,15 @@ def test_every_process_agreeing_is_a_change(patch: Any) -> None:
         (b"not json", "", "the body is not JSON"),
         (b"[1]", "", "must be a JSON object"),
         (b'{"reason": "x", "force": true}', "", "unknown field(s) 'force'"),
+        (b'{"tp_ranks": [1]}', "", "chosen by data-parallel rank only"),
         (b'{"reason": 7}', "", "'reason' must be a string"),
     ],
 )
 def test_the_body_is_optional_and_checked(raw: bytes, reason: str, problem: str | None) -> None:
     from vllm_custom_patches.endpoint import _parse_body
 
-    got_reason, got_problem = _parse_body(raw)
-    assert got_reason == reason
+    got_body, got_problem = _parse_body(raw)
+    assert got_body.reason == reason
     assert (got_problem is None) if problem is None else (problem in str(got_problem))
 
 

@@ -293,11 +293,11 @@ def test_control_characters_in_the_reason_never_reach_a_log_line_raw() -> None:
     from vllm_custom_patches.endpoint import _parse_body
 
     raw = json.dumps({"reason": "p99\rFAKE LOG LINE\x1b[2K\x1b[31mred\u202eevil\nnext\u2028line"}).encode()
-    reason, problem = _parse_body(raw)
+    body, problem = _parse_body(raw)
     assert problem is None
-    assert reason == "p99 FAKE LOG LINE\\x1b[2K\\x1b[31mred\\u202eevil next line"
-    assert reason.isprintable()
-    assert _parse_body(json.dumps({"reason": "plain, ünïcode ok"}).encode())[0] == "plain, ünïcode ok"
+    assert body.reason == "p99 FAKE LOG LINE\\x1b[2K\\x1b[31mred\\u202eevil next line"
+    assert body.reason.isprintable()
+    assert _parse_body(json.dumps({"reason": "plain, ünïcode ok"}).encode())[0].reason == "plain, ünïcode ok"
 
 
 # -- item 2: a patch still waiting for its target's import ---------------------------------

@@ -6,12 +6,13 @@
     vllm-custom-patches doctor|show|lock # upgrade safety, see _doctor_cli
     vllm-custom-patches status --url URL # a running server: every process's patches
     vllm-custom-patches rollback NAME --url URL --token T   # its kill switch (and 'apply')
+    vllm-custom-patches apply NAME --dp-ranks 1 --url URL --token T   # a canary; then 'promote NAME'
 
 ``--json`` gives machine-readable output.  ``check`` exits 1 if any checked
 patch would fail, which makes it usable as a container health gate before
 ``vllm serve``; ``status`` exits 1 if the server's processes disagree and 2
-if it cannot tell; ``rollback``/``apply`` exit 3 when a refused change could
-not be undone in every process (see ``_remote``).
+if it cannot tell; ``rollback``/``apply``/``promote`` exit 3 when a refused
+change could not be undone in every process (see ``_remote``).
 """
 
 from __future__ import annotations
@@ -89,14 +90,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     status.add_argument("--timeout", type=_seconds, default=30.0, help="seconds to wait for the answer (default 30)")
     controls = []
-    for action, verb in (("rollback", "roll back"), ("apply", "apply")):
+    for action, verb, what in (
+        ("rollback", "roll back", "roll back NAME in every process of the server, or in none; with --dp-ranks, "
+         "on some ranks of its active canary"),
+        ("apply", "apply", "apply NAME in every process of the server, or in none; with --dp-ranks, in the engine "
+         "cores and workers of those data-parallel ranks only (a canary, listed by status until promoted or "
+         "rolled back)"),
+        ("promote", "promote the canary of", "apply NAME, which has an active canary, on every rank, and end "
+         "its rollout 'promoted'"),
+    ):  # fmt: skip
         control = commands.add_parser(
             action,
-            help=f"{verb} a patch in every process of a running vLLM server (its kill switch)",
-            description=f"POST URL/custom_patches/NAME/{action}: {verb} NAME in every process of the server, "
-            "or in none. Exit 0 when done, 1 when a process refused (everything was put back), 2 when the "
-            "request did not get that far, 3 when a process refused and some process could not be put back "
-            "(INCONSISTENT, named).",
+            help=f"{verb} a patch in a running vLLM server (its kill switch{', canaries' if action != 'promote' else ''})",
+            description=f"POST URL/custom_patches/NAME/{action}: {what}. Exit 0 when done, 1 when refused "
+            "(nothing changed: a process refused and everything was put back, or the server refused first), "
+            "2 when the request did not get that far, 3 when a process refused and some process could not be "
+            "put back (INCONSISTENT, named).",
         )
         control.add_argument("name", help="the patch")
         control.add_argument("--url", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
@@ -109,6 +118,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         control.add_argument(
             "--timeout", type=_seconds, default=60.0, help="seconds to wait for the answer (default 60)"
         )
+        if action != "promote":
+            control.add_argument(
+                "--dp-ranks",
+                type=_dp_ranks,
+                default=None,
+                help="only on these data-parallel ranks, comma-separated, e.g. 1 or 1,3 (a canary)",
+            )
+        if action == "apply":
+            control.add_argument(
+                "--guard",
+                action="append",
+                default=[],
+                dest="guards",
+                metavar="EXPR",
+                help="roll the canary back by itself when it breaks this, e.g. 'ttft_p99<=1.2x' or 'errors==0' "
+                "(repeatable; needs --dp-ranks)",
+            )
+            control.add_argument(
+                "--window",
+                type=_seconds,
+                default=None,
+                metavar="S",
+                help="seconds a guard must be broken before it rolls the canary back (default 60)",
+            )
         controls.append(control)
     from .upgrade import add_commands
 
@@ -119,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.command == "status":
         return _status(args)
-    if args.command in ("rollback", "apply"):
+    if args.command in ("rollback", "apply", "promote"):
         return _control(args)
     if args.command in ("doctor", "show", "lock"):
         from .upgrade import run
@@ -157,6 +190,20 @@ def _seconds(text: str) -> float:
     return seconds
 
 
+def _dp_ranks(text: str) -> list[int]:
+    """``--dp-ranks 1,3``: distinct non-negative integers."""
+    parts = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() and part.isascii() for part in parts):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a comma-separated list of data-parallel ranks; give e.g. 1 or 1,3"
+        )
+    ranks = [int(part) for part in parts]
+    repeated = sorted({rank for rank in ranks if ranks.count(rank) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{text!r} names rank(s) {repeated} more than once; name each rank once")
+    return sorted(ranks)
+
+
 def _status(args: argparse.Namespace) -> int:
     from .._ops.remote import fetch_status, print_status, status_exit_code
 
@@ -169,7 +216,17 @@ def _control(args: argparse.Namespace) -> int:
     from .._ops.remote import control_exit_code, post_control, print_control
 
     def ask() -> dict[str, Any]:
-        return post_control(args.url, args.command, args.name, args.token, args.reason, timeout=args.timeout)
+        return post_control(
+            args.url,
+            args.command,
+            args.name,
+            args.token,
+            args.reason,
+            timeout=args.timeout,
+            dp_ranks=getattr(args, "dp_ranks", None),
+            guards=getattr(args, "guards", ()),
+            window_s=getattr(args, "window", None),
+        )
 
     return _remote(args, ask, print_control, control_exit_code)
 

@@ -41,6 +41,7 @@ from typing import Any
 
 __all__ = [
     "CONTROL_METHOD",
+    "ROLLOUTS_METHOD",
     "STATUS_METHOD",
     "WORKER_TIMEOUT_S",
     "control_record",
@@ -52,6 +53,8 @@ STATUS_METHOD = "vllm_custom_patches_status"
 """The name of the utility method (engine core) and RPC method (worker) that report."""
 CONTROL_METHOD = "vllm_custom_patches_control"
 """The name of the utility method (engine core) and RPC method (worker) that change a patch."""
+ROLLOUTS_METHOD = "vllm_custom_patches_rollouts"
+"""The name of the engine core's utility method that keeps its copy of the rollouts (``_rollouts``)."""
 
 WORKER_TIMEOUT_S = 5.0
 """How long an engine core waits for its workers' answers (it blocks its loop meanwhile)."""
@@ -135,7 +138,10 @@ def _engine_core_status(engine_core: Any) -> dict[str, Any]:
     except Exception as exc:  # report, never fail the engine for a status question
         error = f"its workers did not answer: {type(exc).__name__}: {exc}"
         workers = [unreachable_record(_ROLE_WORKER, error, **ranks) for ranks in _worker_ranks_of(parallel, dp_rank)]
-    return {"engine_core": record, "workers": workers}
+    from .rollouts import kept
+
+    # Every engine core keeps a copy of the server's rollouts, which every API server reads here.
+    return {"engine_core": record, "workers": workers, "rollouts": kept()}
 
 
 def _worker_ranks_of(parallel: Any, dp_rank: int | None) -> list[dict[str, int | None]]:
@@ -174,6 +180,22 @@ def _engine_core_control(
             for ranks in _worker_ranks_of(parallel, dp_rank)
         ]  # fmt: skip
     return records
+
+
+def _engine_core_rollouts(
+    engine_core: Any, action: str = "", name: str = "", op_id: str = "", who: str = "", issued: str = "",
+    mac: str = "", payload: str = "",
+) -> dict[str, Any]:  # fmt: skip
+    """Utility method of vLLM's EngineCore: its copy of the rollouts, after a signed step if one is given.
+
+    Called without arguments, it only reads.  Named one by one, as ``_engine_core_control``'s.
+    """
+    from .rollouts import keep, kept
+
+    if not (action or name or op_id or who or issued or mac or payload):
+        return {"ok": True, "error": None, "conflict": None, "rollouts": kept()}
+    scope = f"{_ROLE_ENGINE_CORE} dp={_dp_rank(engine_core.vllm_config.parallel_config)} rollouts"
+    return keep((action, name, op_id, who, issued, mac, payload), scope)
 
 
 def _worker_control(wrapper: Any, *signed: Any) -> dict[str, Any]:
@@ -215,6 +237,7 @@ def _dp_rank(parallel: Any) -> int | None:
 _RESPONDERS: tuple[tuple[str, str, str, Callable[..., Any]], ...] = (
     ("vllm.v1.engine.core", "EngineCore", STATUS_METHOD, _engine_core_status),
     ("vllm.v1.engine.core", "EngineCore", CONTROL_METHOD, _engine_core_control),
+    ("vllm.v1.engine.core", "EngineCore", ROLLOUTS_METHOD, _engine_core_rollouts),
     ("vllm.v1.worker.worker_base", "WorkerWrapperBase", STATUS_METHOD, _worker_status),
     ("vllm.v1.worker.worker_base", "WorkerWrapperBase", CONTROL_METHOD, _worker_control),
 )
@@ -222,7 +245,7 @@ _RESPONDERS: tuple[tuple[str, str, str, Callable[..., Any]], ...] = (
 
 def install_responders() -> None:
     """Give vLLM's engine core and worker wrapper classes their status method, where imported,
-    and their control method where the kill switch is enabled.
+    and their control (and the engine core its rollouts) method where the kill switch is enabled.
 
     Called from the plugin's ``register()``, which vLLM calls from
     ``EngineCore.__init__`` and ``WorkerWrapperBase.init_worker``: the class
@@ -238,7 +261,7 @@ def install_responders() -> None:
         if not isinstance(cls, type):
             continue
         present = cls.__dict__.get(method)
-        if method == CONTROL_METHOD and not enabled:
+        if method in (CONTROL_METHOD, ROLLOUTS_METHOD) and not enabled:
             if present is responder:  # the token is gone (tests): so is the way in
                 delattr(cls, method)
             continue

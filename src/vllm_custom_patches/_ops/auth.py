@@ -26,7 +26,9 @@ from collections.abc import Mapping
 from .._core.forksafe import ForkSafeLock
 from .._env import ENV_CONTROL_TOKEN
 
-__all__ = ["MAX_AGE_S", "MIN_TOKEN_LENGTH", "Replays", "control_token", "sign", "token_problem", "verify"]
+__all__ = [
+    "MAX_AGE_S", "MIN_TOKEN_LENGTH", "Replays", "control_token", "sign", "sign_with_payload", "token_problem", "verify",
+]  # fmt: skip
 
 MIN_TOKEN_LENGTH = 16
 MAX_AGE_S = 300
@@ -65,9 +67,11 @@ def _key(token: str) -> bytes:
     return hmac.new(token.encode("ascii"), _DOMAIN, hashlib.sha256).digest()
 
 
-def _message(action: str, name: str, op_id: str, who: str, issued: str) -> bytes:
-    # A JSON list: unambiguous whatever the fields contain.
-    return json.dumps([_DOMAIN.decode(), action, name, op_id, who, issued], separators=(",", ":")).encode()
+def _message(action: str, name: str, op_id: str, who: str, issued: str, payload: str | None = None) -> bytes:
+    # A JSON list: unambiguous whatever the fields contain (a step with a payload is a longer list, so
+    # it never verifies as one without, nor the reverse).
+    fields = [_DOMAIN.decode(), action, name, op_id, who, issued, *([] if payload is None else [payload])]
+    return json.dumps(fields, separators=(",", ":")).encode()
 
 
 def sign(action: str, name: str, op_id: str, who: str) -> tuple[str, str, str, str, str, str]:
@@ -75,12 +79,28 @@ def sign(action: str, name: str, op_id: str, who: str) -> tuple[str, str, str, s
 
     Raises :class:`RuntimeError` if the kill switch is off in this process.
     """
-    token = control_token()
-    if token is None:
-        raise RuntimeError(f"{ENV_CONTROL_TOKEN} is not set (or unusable) in this process: the kill switch is off")
+    token = _signing_token()
     issued = str(int(time.time()))
     mac = hmac.new(_key(token), _message(action, name, op_id, who, issued), hashlib.sha256).hexdigest()
     return action, name, op_id, who, issued, mac
+
+
+def sign_with_payload(
+    action: str, name: str, op_id: str, who: str, payload: str
+) -> tuple[str, str, str, str, str, str, str]:
+    """A signed step that carries data (a rollout record, ``_rollouts``): ``(action, name, op_id, who, issued, mac,
+    payload)``, the payload under the signature too.  Only :func:`verify` with ``with_payload`` accepts it."""
+    token = _signing_token()
+    issued = str(int(time.time()))
+    mac = hmac.new(_key(token), _message(action, name, op_id, who, issued, payload), hashlib.sha256).hexdigest()
+    return action, name, op_id, who, issued, mac, payload
+
+
+def _signing_token() -> str:
+    token = control_token()
+    if token is None:
+        raise RuntimeError(f"{ENV_CONTROL_TOKEN} is not set (or unusable) in this process: the kill switch is off")
+    return token
 
 
 class Replays:
@@ -103,19 +123,21 @@ class Replays:
             return True
 
 
-def verify(args: tuple[object, ...], scope: str, replays: Replays) -> str | None:
-    """Why the step ``args`` (from :func:`sign`) must be refused in this process, or None if it is authentic.
+def verify(args: tuple[object, ...], scope: str, replays: Replays, *, with_payload: bool = False) -> str | None:
+    """Why the step ``args`` (from :func:`sign`, or :func:`sign_with_payload` if ``with_payload``) must be
+    refused in this process, or None if it is authentic.
 
     ``scope`` names the part of this process that runs it (an engine core and
     its worker can share one process, and each runs the operation once).
     """
-    if len(args) != 6 or not all(isinstance(arg, str) for arg in args):
+    if len(args) != 6 + with_payload or not all(isinstance(arg, str) for arg in args):
         return "not a signed kill-switch operation (it must come from this server's control route)"
-    action, name, op_id, who, issued, mac = (str(arg) for arg in args)
+    action, name, op_id, who, issued, mac = (str(arg) for arg in args[:6])
+    payload = str(args[6]) if with_payload else None
     token = control_token()
     if token is None:
         return f"the kill switch is off in this process ({ENV_CONTROL_TOKEN} is not set or unusable here)"
-    expected = hmac.new(_key(token), _message(action, name, op_id, who, issued), hashlib.sha256).hexdigest()
+    expected = hmac.new(_key(token), _message(action, name, op_id, who, issued, payload), hashlib.sha256).hexdigest()
     if not hmac.compare_digest(expected.encode(), mac.encode("utf-8", "replace")):
         return (
             f"bad signature: not signed with this process's {ENV_CONTROL_TOKEN} (it must come from this server's "

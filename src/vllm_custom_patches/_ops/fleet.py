@@ -15,10 +15,11 @@ from collections.abc import Awaitable, Callable, Hashable, Iterable, Mapping, Se
 from typing import Any
 
 from .agent import STATUS_METHOD, WORKER_TIMEOUT_S, process_record, unreachable_record
+from .rollouts import declared, merge
 
 __all__ = [
     "ENGINE_TIMEOUT_S", "MAX_AGE_S", "SharedCollection", "analyse", "call_engine_cores", "collect", "describe_process",
-    "engine_failure",
+    "engine_failure", "engine_ranks",
 ]  # fmt: skip
 
 ENGINE_TIMEOUT_S = WORKER_TIMEOUT_S + 3.0
@@ -33,9 +34,12 @@ async def collect(engine_client: Any, timeout: float = ENGINE_TIMEOUT_S) -> dict
     """
     started = time.monotonic()
     processes = [process_record("api_server")]
+    rollouts: list[dict[str, Any]] = []
     if engine_client is not None:
-        processes += await _engine_processes(engine_client, timeout)
-    report = analyse(processes)
+        engine_processes, copies = await _engine_processes(engine_client, timeout)
+        processes += engine_processes
+        rollouts = merge(copies)
+    report = analyse(processes, rollouts)
     report["collected_in_s"] = round(time.monotonic() - started, 4)
     return report
 
@@ -138,39 +142,63 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
         task.exception()
 
 
-async def _engine_processes(engine_client: Any, timeout: float) -> list[dict[str, Any]]:
+async def _engine_processes(
+    engine_client: Any, timeout: float
+) -> tuple[list[dict[str, Any]], list[list[dict[str, Any]]]]:
+    """Every engine core and worker, and each engine core's copy of the rollouts (``_rollouts``)."""
     processes: list[dict[str, Any]] = []
+    copies: list[list[dict[str, Any]]] = []
     for dp_rank, answer in await call_engine_cores(engine_client, STATUS_METHOD, (), timeout):
         if isinstance(answer, BaseException):
             processes.append(unreachable_record("engine_core", engine_failure(answer), dp_rank=dp_rank))
             continue
         processes.append(answer["engine_core"])
         processes.extend(answer["workers"])
-    return processes
+        copies.append(answer.get("rollouts") or [])
+    return processes, copies
+
+
+def engine_ranks(engine_client: Any) -> list[int]:
+    """The data-parallel ranks of the engine cores this API server reaches (without asking them)."""
+    core = getattr(engine_client, "engine_core", None)
+    engines: Sequence[Any] = getattr(core, "core_engines", None) or []
+    return sorted(rank for rank in map(_engine_rank, engines) if rank is not None)
 
 
 async def call_engine_cores(
-    engine_client: Any, method: str, args: tuple[Any, ...], timeout: float
+    engine_client: Any, method: str, args: tuple[Any, ...], timeout: float, dp_ranks: Iterable[int] | None = None
 ) -> list[tuple[int | None, Any]]:
-    """Call utility ``method`` on every engine core: ``(dp_rank, answer or the exception)`` for each."""
+    """Call utility ``method`` on every engine core (those of ``dp_ranks`` only, if given): ``(dp_rank, answer
+    or the exception)`` for each."""
     core = getattr(engine_client, "engine_core", None)
     engines: Sequence[Any] = getattr(core, "core_engines", None) or []
     call_one = getattr(core, "_call_utility_async", None)
+    if dp_ranks is not None:
+        # Only engine cores whose rank is known can be chosen (the caller checked the ranks exist).
+        if call_one is None:
+            error = RuntimeError(
+                f"this vLLM's engine client ({type(engine_client).__name__}) cannot call one engine core alone"
+            )
+            return [(None, error)]
+        chosen = set(dp_ranks)
+        engines = [engine for engine in engines if _engine_rank(engine) in chosen]
+        if not engines:
+            return []
     if engines and call_one is not None:
         # One call per engine, so one dead or unpatched engine does not hide
         # the others (vLLM's call_utility_all_async fails as a whole).
         calls = [asyncio.wait_for(call_one(method, *args, engine=engine), timeout) for engine in engines]
-        dp_ranks: list[int | None] = [_engine_rank(engine) for engine in engines]
+        ranks: list[int | None] = [_engine_rank(engine) for engine in engines]
     elif core is not None and hasattr(core, "call_utility_async"):
         calls = [asyncio.wait_for(core.call_utility_async(method, *args), timeout)]
-        dp_ranks = [None]
+        ranks = [None]
     else:
         error = RuntimeError(
             f"this vLLM's engine client ({type(engine_client).__name__}) offers no way to reach the engine cores"
         )
         return [(None, error)]
     answers = await asyncio.gather(*calls, return_exceptions=True)
-    return list(zip(dp_ranks, answers, strict=True))
+    return list(zip(ranks, answers, strict=True))
 
 
 def _engine_rank(engine: Any) -> int | None:
@@ -209,15 +237,23 @@ def describe_process(process: Mapping[str, Any]) -> str:
     return " ".join(parts)
 
 
-def analyse(processes: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """``{"consistent", "inconsistencies", "errors", "processes"}`` for a list of process records.
+def analyse(processes: Iterable[Mapping[str, Any]], rollouts: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
+    """``{"consistent", "inconsistencies", "errors", "processes", "rollouts"}`` for a list of process records.
 
     A patch applied in some processes of a role and not in others of the same
     role is an inconsistency (the API server never loads the scheduler, so
     roles are compared only with themselves); a process that could not answer
     makes the server not consistent too: nothing can be claimed about it.
+
+    An active rollout (``_rollouts``) declares one divergence: its patch applied,
+    in the engine cores and workers, in exactly those of its data-parallel
+    ranks.  That is consistent; the patch missing in one of them, or applied in
+    one outside them, is an inconsistency (``unexpected_in`` names the latter).
+    A role where the patch is applied nowhere is left alone, as without a
+    rollout (a scheduler patch is never applied in a worker).
     """
     records = [dict(p) for p in processes]
+    canaries = declared(rollouts)
     by_role: dict[str, list[dict[str, Any]]] = {}
     for process in records:
         by_role.setdefault(str(process["role"]), []).append(process)
@@ -227,22 +263,40 @@ def analyse(processes: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         for process in members:
             everywhere.update(process["applied"])
         for name in sorted(everywhere):
-            missing = [p for p in members if name not in p["applied"]]
-            if missing:
-                inconsistencies.append(
+            canary = canaries.get(name) if role in ("engine_core", "worker") else None
+            if canary is None:
+                missing = [p for p in members if name not in p["applied"]]
+                unexpected: list[dict[str, Any]] = []
+            else:
+                ranks, _ = canary
+                missing = [p for p in members if p.get("dp_rank") in ranks and name not in p["applied"]]
+                unexpected = [p for p in members if p.get("dp_rank") not in ranks and name in p["applied"]]
+            if not missing and not unexpected:
+                continue
+            issue: dict[str, Any] = {
+                "role": role,
+                "patch": name,
+                "applied_in": sum(name in p["applied"] for p in members),
+                "missing_in": [{**_identity(p), "why": _why_missing(p, name)} for p in missing],
+            }
+            if canary is not None:
+                ranks, rollout_id = canary
+                issue["rollout"] = rollout_id
+                issue["unexpected_in"] = [
                     {
-                        "role": role,
-                        "patch": name,
-                        "applied_in": len(members) - len(missing),
-                        "missing_in": [{**_identity(p), "why": _why_missing(p, name)} for p in missing],
+                        **_identity(p),
+                        "why": f"applied outside the canary's dp ranks {sorted(ranks)} (rollout {rollout_id})",
                     }
-                )
+                    for p in unexpected
+                ]
+            inconsistencies.append(issue)
     errors = [{**_identity(p), "error": p["error"]} for p in records if p.get("error")]
     return {
         "consistent": not inconsistencies and not errors,
         "inconsistencies": inconsistencies,
         "errors": errors,
         "processes": records,
+        "rollouts": [dict(r) for r in rollouts],
     }
 
 

@@ -1,13 +1,18 @@
-"""The client side of the ``custom_patches`` endpoint: ``status``, ``rollback`` and ``apply`` against a running server.
+"""The client side of the ``custom_patches`` endpoint: ``status``, ``rollback``, ``apply`` and ``promote``
+against a running server.
 
 Exit codes (for CI and health checks): ``status``: 0 every process of each
-role has the same patches; 1 some process lacks a patch others of its role
-have, or could not answer (each named, with rank and host); 2 the server
-cannot be reached, refuses the key, or does not serve the endpoint (with how
-to enable it).  ``rollback``/``apply``: 0 done in every process; 1 refused
-by the server's processes and undone everywhere (each process's reason); 2
-the request did not get that far (unreachable, control disabled, wrong token,
-unknown patch, bad request); 3 INCONSISTENT: refused, and some process could
+role has the same patches (an active canary's patch on exactly its ranks
+counts as the same); 1 some process lacks a patch others of its role have,
+or could not answer (each named, with rank and host); 2 the server cannot be
+reached, refuses the key, or does not serve the endpoint (with how to enable
+it).  ``rollback``/``apply``/``promote``: 0 done in every process asked (a
+canary: those of its ranks); 1 refused, nothing changed: by the server's
+processes, each put back (each process's reason), or by the server before
+any change (a canary of a patch that has one, a promote without a canary:
+one line saying why); 2 the request did not get that far (unreachable,
+control disabled, wrong token, unknown patch, bad request, a malformed guard,
+a rank no engine core has); 3 INCONSISTENT: refused, and some process could
 not be put back (named), so the patch is in effect in some processes only.
 
 Anything the client cannot read (a malformed URL, a peer that is not HTTP, a
@@ -184,7 +189,29 @@ _STATUS_SHAPE: dict[str, Any] = {
     "consistent": bool,
     "processes": [{"?applied": [str], "?patches": [{"name": str, "state": object}], "?stacks": [str]}],
     "?inconsistencies": [
-        {"patch": str, "role": object, "applied_in": object, "missing_in": [{"description": object, "why": object}]}
+        {
+            "patch": str,
+            "role": object,
+            "applied_in": object,
+            "missing_in": [{"description": object, "why": object}],
+            "?unexpected_in": [{"description": object, "why": object}],
+        }
+    ],
+    "?rollouts": [
+        {
+            "id": str,
+            "patch": str,
+            "dp_ranks": [int],
+            "state": str,
+            "since": _NUMBER,
+            "?ended": (int, float, type(None)),
+            "?requester": object,
+            "?reason": object,
+            "?guards": [str],
+            "?window_s": (int, float, type(None)),
+            "?ended_by": object,
+            "?end_reason": object,
+        }
     ],
     "?errors": [{"description": object, "error": object}],
     "?unsettled": [{"action": object, "patch": object, "op_id": object, "processes": [str]}],
@@ -198,6 +225,9 @@ _CONTROL_SHAPE: dict[str, Any] = {
     "processes": [{"ok": object}],
     "?outcome": str,
     "?undo_failed": [{"description": object, "error": object}],
+    "?error": object,
+    "?dp_ranks": [int],
+    "?rollout": (dict, type(None)),
 }
 
 
@@ -268,9 +298,21 @@ _CONTROL_HINT = (
 
 
 def post_control(
-    url: str, action: str, name: str, token: str | None, reason: str = "", timeout: float = 60.0
+    url: str,
+    action: str,
+    name: str,
+    token: str | None,
+    reason: str = "",
+    timeout: float = 60.0,
+    *,
+    dp_ranks: Sequence[int] | None = None,
+    guards: Sequence[str] = (),
+    window_s: float | None = None,
 ) -> dict[str, Any]:
-    """``POST {url}/custom_patches/{name}/{action}``; the report (``ok`` false: refused and undone everywhere)."""
+    """``POST {url}/custom_patches/{name}/{action}``; the report (``ok`` false: refused, nothing changed).
+
+    ``dp_ranks``: only on those data-parallel ranks (a canary); ``guards`` and ``window_s`` watch it.
+    """
     from urllib.parse import quote
 
     _parse_url(url)
@@ -279,7 +321,14 @@ def post_control(
     _check_credential("--token", token)
     path = f"{ENDPOINT}/{quote(name, safe='')}/{action}"
     endpoint = f"{url.rstrip('/')}{path}"
-    data = json.dumps({"reason": reason} if reason else {}).encode()
+    fields: dict[str, Any] = {"reason": reason} if reason else {}
+    if dp_ranks is not None:
+        fields["dp_ranks"] = list(dp_ranks)
+    if guards:
+        fields["guards"] = list(guards)
+    if window_s is not None:
+        fields["window_s"] = window_s
+    data = json.dumps(fields).encode()
     headers = {"Content-Type": "application/json", "Accept": "application/json", "Authorization": f"Bearer {token}"}
     code, body = _exchange(url, "POST", path, headers, data, timeout)
     try:
@@ -311,7 +360,10 @@ def post_control(
 
 
 def print_control(report: Mapping[str, Any], out: TextIO) -> None:
-    """Per process: what happened; then the verdict."""
+    """Per process: what happened; then the verdict, and the rollout's record if it changed."""
+    if report.get("error") and not report["processes"]:  # refused by the server before anything changed
+        print(f"REFUSED: {report['error']}; nothing changed", file=out)
+        return
     for process in report["processes"]:
         if not process.get("relevant", True):
             outcome = "not relevant here"
@@ -332,9 +384,14 @@ def print_control(report: Mapping[str, Any], out: TextIO) -> None:
             outcome += f" (undo FAILED: {process['undo_error']})"
         print(f"{describe_process(process)}: {outcome}; now {process.get('state')}", file=out)
     verb = "rolled back" if report["action"] == "rollback" else "applied"
+    ranks = report.get("dp_ranks")
+    where = f"on dp rank(s) {', '.join(map(str, ranks))}" if ranks is not None else "in every process"
     if report["ok"]:
-        print(f"patch {report['patch']!r} {verb} in every process where it applies "
+        print(f"patch {report['patch']!r} {verb} {where} where it applies "
               f"({report['elapsed_s'] * 1000:.0f} ms, op {report['op_id']})", file=out)  # fmt: skip
+        rollout = report.get("rollout")
+        if isinstance(rollout, Mapping):
+            print(_rollout_line(rollout), file=out)
     elif report.get("outcome") == "inconsistent":
         stuck = ", ".join(f"{p['description']} ({p['error']})" for p in report.get("undo_failed", []))
         print(f"INCONSISTENT: patch {report['patch']!r} was not {verb}, and NOT every process could be put back: "
@@ -342,8 +399,35 @@ def print_control(report: Mapping[str, Any], out: TextIO) -> None:
               f"'vllm-custom-patches status', then send the rollback or apply you want again (processes already "
               f"so report unchanged).", file=out)  # fmt: skip
     else:
-        print(f"REFUSED: patch {report['patch']!r} was not {verb}; every process was put back as it was "
-              f"(op {report['op_id']})", file=out)  # fmt: skip
+        print(f"REFUSED: patch {report['patch']!r} was not {verb} {where}; every process was put back as it was "
+              f"(op {report['op_id']})" + (f": {report['error']}" if report.get("error") else ""), file=out)  # fmt: skip
+
+
+def _when(unix: Any) -> str:
+    import time
+
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(unix)))
+    except (TypeError, ValueError, OverflowError):
+        return "?"
+
+
+def _rollout_line(rollout: Mapping[str, Any]) -> str:
+    """``rollout 3f2a... shortest_prompt_first on dp ranks [1]: active since ... by ... (reason); guards ...``."""
+    ranks = ", ".join(map(str, rollout.get("dp_ranks", [])))
+    text = f"rollout {rollout.get('id')} {rollout.get('patch')} on dp rank(s) {ranks}: {rollout.get('state')}"
+    if rollout.get("state") == "active":
+        text += f" since {_when(rollout.get('since'))} by {rollout.get('requester')}"
+    else:
+        text += (
+            f" at {_when(rollout.get('ended'))} by {rollout.get('ended_by')} (started {_when(rollout.get('since'))})"
+        )
+    reason = rollout.get("end_reason") or rollout.get("reason")
+    if reason:
+        text += f" ({reason})"
+    if rollout.get("guards"):
+        text += f"; guards {', '.join(map(str, rollout['guards']))} over {rollout.get('window_s')} s"
+    return _one_line(text)
 
 
 def control_exit_code(report: Mapping[str, Any]) -> int:
@@ -387,6 +471,10 @@ def print_status(report: Mapping[str, Any], out: TextIO) -> None:
         print(f"stack  {line}   ({len(where)} process(es))", file=out)
     if chains:
         print(file=out)
+    for rollout in report.get("rollouts", []):
+        print(_rollout_line(rollout), file=out)
+    if report.get("rollouts"):
+        print(file=out)
     for issue in report.get("inconsistencies", []):
         for missing in issue["missing_in"]:
             print(
@@ -394,6 +482,9 @@ def print_status(report: Mapping[str, Any], out: TextIO) -> None:
                 f"but not in {missing['description']}: {missing['why']}",
                 file=out,
             )
+        for unexpected in issue.get("unexpected_in", []):
+            print(f"INCONSISTENT: {issue['patch']} is applied in {unexpected['description']}: {unexpected['why']}",
+                  file=out)  # fmt: skip
     for error in report.get("errors", []):
         print(f"NO ANSWER: {error['description']}: {error['error']}", file=out)
     for left in report.get("unsettled", []):

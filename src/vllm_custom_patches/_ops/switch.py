@@ -14,22 +14,34 @@ not be put back (its undo failed, or it answered neither the change nor the
 undo), so the patch may be in effect in some processes and not in others.
 The last is remembered here until a later operation on that patch is done
 everywhere, and the status route shows it (:func:`note_unsettled`).
+
+With ``dp_ranks`` the change is made only in the engine cores of those
+data-parallel ranks and, through them, their workers (a canary), all or
+nothing across them in the same way; the API server itself is left as it is
+(it is no rank).  :func:`control` is what the endpoint runs: it keeps the
+rollout records (``_rollouts``) in step with the changes, and refuses what
+would make a divergence nobody declared.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .._core.forksafe import ForkSafeLock
-from .agent import CONTROL_METHOD, control_record, unreachable_record
-from .auth import sign
+from . import rollouts as _rollouts
+from .agent import CONTROL_METHOD, ROLLOUTS_METHOD, control_record, unreachable_record
+from .auth import sign, sign_with_payload
 from .fleet import ENGINE_TIMEOUT_S, call_engine_cores, describe_process, engine_failure
 
-__all__ = ["HTTP_STATUS", "change", "known_patches", "note_unsettled", "summary"]
+__all__ = [
+    "HTTP_STATUS", "change", "control", "end_by_guard", "known_patches", "note_unsettled", "one_at_a_time",
+    "rollouts_now", "summary",
+]  # fmt: skip
 
 HTTP_STATUS = {"done": 200, "refused": 409, "inconsistent": 500}
 """The control route's HTTP status for each outcome."""
@@ -50,16 +62,24 @@ def known_patches() -> list[str]:
 
 
 async def change(
-    engine_client: Any, action: str, name: str, who: str, timeout: float = ENGINE_TIMEOUT_S
+    engine_client: Any,
+    action: str,
+    name: str,
+    who: str,
+    timeout: float = ENGINE_TIMEOUT_S,
+    dp_ranks: Sequence[int] | None = None,
 ) -> dict[str, Any]:
-    """Do ``action`` (``rollback`` or ``apply``) on patch ``name`` in every process; undo it everywhere on any failure."""
+    """Do ``action`` (``rollback`` or ``apply``) on patch ``name`` in every process (in the engine cores and
+    workers of ``dp_ranks`` only, if given); undo it in all of them on any failure."""
     op_id = uuid.uuid4().hex[:12]
     started = time.monotonic()
-    records = await _everywhere(engine_client, sign(action, name, op_id, who), timeout)
-    ok = all(record["ok"] for record in records)
+    records = await _everywhere(engine_client, sign(action, name, op_id, who), timeout, dp_ranks)
+    ok = bool(records) and all(record["ok"] for record in records)
     report: dict[str, Any] = {"ok": ok, "outcome": "done", "action": action, "patch": name, "op_id": op_id}
+    if dp_ranks is not None:
+        report["dp_ranks"] = sorted(dp_ranks)
     if not ok:
-        undone = await _everywhere(engine_client, sign("undo", name, op_id, who), timeout)
+        undone = await _everywhere(engine_client, sign("undo", name, op_id, who), timeout, dp_ranks)
         records, unsettled = _settle(records, undone)
         report["outcome"] = "inconsistent" if unsettled else "refused"
         report["undo_failed"] = [
@@ -73,11 +93,14 @@ async def change(
     return report
 
 
-async def _everywhere(engine_client: Any, signed: tuple[str, ...], timeout: float) -> list[dict[str, Any]]:
-    records = [control_record(signed, "api_server")]
+async def _everywhere(
+    engine_client: Any, signed: tuple[str, ...], timeout: float, dp_ranks: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
+    # The API server is no data-parallel rank: a change on chosen ranks leaves it alone.
+    records = [control_record(signed, "api_server")] if dp_ranks is None else []
     if engine_client is None:
         return records
-    for dp_rank, answer in await call_engine_cores(engine_client, CONTROL_METHOD, signed, timeout):
+    for dp_rank, answer in await call_engine_cores(engine_client, CONTROL_METHOD, signed, timeout, dp_ranks):
         if isinstance(answer, BaseException):
             record = _failed(unreachable_record("engine_core", engine_failure(answer), dp_rank=dp_rank))
             # An error answer (the method missing or failing, the engine dead) means the call ran
@@ -175,6 +198,8 @@ def note_unsettled(status: dict[str, Any]) -> dict[str, Any]:
 
 def summary(report: Mapping[str, Any]) -> str:
     """One line for the log: what, whether it happened, where."""
+    if report.get("error") and not report["processes"]:
+        return f"{report['action']} of patch {report['patch']!r}: REFUSED, nothing changed: {report['error']}"
     changed = [r for r in report["processes"] if r.get("changed")]
     failed = [r for r in report["processes"] if not r["ok"]]
     verdict = {
@@ -189,4 +214,205 @@ def summary(report: Mapping[str, Any]) -> str:
     )
     reasons = "; ".join(f"{describe_process(r)}: {r.get('error')}" for r in failed)
     stuck = ", ".join(f"{p['description']} ({p['error']})" for p in report.get("undo_failed", []))
-    return text + (f"; failed: {reasons}" if reasons else "") + (f"; NOT put back in: {stuck}" if stuck else "")
+    text += (f"; failed: {reasons}" if reasons else "") + (f"; NOT put back in: {stuck}" if stuck else "")
+    if report.get("error"):
+        text += f"; {report['error']}"
+    rollout = report.get("rollout")
+    if rollout:
+        text += f"; {_rollouts.describe(rollout)}: {rollout['state']}"
+    return text
+
+
+# -- canaries: a patch on chosen data-parallel ranks, and its rollout record ----------------------
+
+_locks: dict[int, asyncio.Lock] = {}
+
+
+def one_at_a_time() -> asyncio.Lock:
+    """The lock that makes this API server's changes one at a time (control routes and guards alike).
+
+    One per event loop: an asyncio lock belongs to the loop that first waits on it.
+    """
+    loop = asyncio.get_running_loop()
+    lock = _locks.get(id(loop))
+    if lock is None:
+        _locks.clear()  # a loop that ran before this one (tests) is done with its lock
+        lock = _locks[id(loop)] = asyncio.Lock()
+    return lock
+
+
+async def rollouts_now(engine_client: Any, timeout: float = ENGINE_TIMEOUT_S) -> list[dict[str, Any]]:
+    """Every rollout of the server's life, from the engine cores' copies (one that does not answer is skipped)."""
+    if engine_client is None:
+        return []
+    answers = await call_engine_cores(engine_client, ROLLOUTS_METHOD, (), timeout)
+    return _rollouts.merge(answer.get("rollouts") or [] for _, answer in answers if isinstance(answer, dict))
+
+
+async def _store(engine_client: Any, step: str, record: Mapping[str, Any], timeout: float) -> list[dict[str, Any]]:
+    """Give every engine core ``record`` (a signed ``step``); the answers of those that answered."""
+    signed = sign_with_payload(step, str(record["patch"]), uuid.uuid4().hex[:12], str(record["requester"]),
+                               json.dumps(record, separators=(",", ":")))  # fmt: skip
+    answers = await call_engine_cores(engine_client, ROLLOUTS_METHOD, signed, timeout)
+    return [answer for _, answer in answers if isinstance(answer, dict)]
+
+
+def _refused(action: str, name: str, error: str, **extra: Any) -> dict[str, Any]:
+    """A control report for a request refused before anything was changed (HTTP 409)."""
+    return {"ok": False, "outcome": "refused", "action": action, "patch": name, "op_id": None, "elapsed_s": 0.0,
+            "processes": [], "error": error, **extra}  # fmt: skip
+
+
+async def control(
+    engine_client: Any,
+    action: str,
+    name: str,
+    requester: str,
+    *,
+    reason: str = "",
+    dp_ranks: Sequence[int] | None = None,
+    guards: Sequence[str] = (),
+    window_s: float | None = None,
+    timeout: float = ENGINE_TIMEOUT_S,
+) -> dict[str, Any]:
+    """What a control route does: ``apply``, ``rollback`` or ``promote`` of ``name``, and its rollout record.
+
+    * ``apply`` with ``dp_ranks``: a canary, a new active rollout (refused while ``name`` has one);
+      without: the kill switch's apply everywhere (refused while ``name`` has an active rollout:
+      promote it);
+    * ``rollback`` without ``dp_ranks``: everywhere, and it ends an active rollout ``rolled_back``;
+      with ``dp_ranks``: only during an active rollout of ``name``, on some of its ranks (the canary
+      shrinks to the others; it ends ``rolled_back`` when none is left);
+    * ``promote``: apply everywhere, and the active rollout ends ``promoted``.
+
+    The caller checked the request's fields (ranks that exist, parsed guards).  The record changes only
+    when the change was done everywhere it was asked.
+    """
+    who = requester + (f" ({reason})" if reason else "")
+    if action == "rollback" and dp_ranks is None:
+        # The kill switch first, at once: reading the records must not delay it.
+        report = await change(engine_client, "rollback", name, who, timeout)
+        active = _rollouts.active_rollout(await rollouts_now(engine_client, timeout), name)
+        if active is not None and report["outcome"] == "done":
+            report["rollout"] = await _end(engine_client, active, _rollouts.ROLLED_BACK, who, reason, timeout)
+        return report
+    active = _rollouts.active_rollout(await rollouts_now(engine_client, timeout), name)
+    if action == "promote":
+        if active is None:
+            return _refused(action, name, f"patch {name!r} has no active rollout to promote; to apply it on every "
+                            "rank, send apply without dp_ranks")  # fmt: skip
+        report = await change(engine_client, "apply", name, who, timeout)
+        report["action"] = "promote"
+        if report["outcome"] == "done":
+            report["rollout"] = await _end(engine_client, active, _rollouts.PROMOTED, who, reason, timeout)
+        return report
+    if action == "rollback":
+        assert dp_ranks is not None
+        if active is None:
+            return _refused(action, name, f"rollback with dp_ranks shrinks an active canary, and patch {name!r} has "
+                            "none; to roll it back on every rank, send rollback without dp_ranks")  # fmt: skip
+        outside = sorted(set(dp_ranks) - set(active["dp_ranks"]))
+        if outside:
+            return _refused(action, name, f"dp rank(s) {outside} are not in the canary ({_rollouts.describe(active)}): "
+                            "roll back only some of its ranks, or send rollback without dp_ranks to end it "
+                            "everywhere", conflict=active)  # fmt: skip
+        report = await change(engine_client, "rollback", name, who, timeout, dp_ranks)
+        if report["outcome"] == "done":
+            left = [rank for rank in active["dp_ranks"] if rank not in dp_ranks]
+            record = (_rollouts.revised(active, dp_ranks=left) if left
+                      else _rollouts.ended(active, _rollouts.ROLLED_BACK, who, reason=reason))  # fmt: skip
+            await _store(engine_client, _rollouts.PUT, record, timeout)
+            report["rollout"] = record
+        return report
+    if active is not None:
+        what = ("promote it (promote NAME) or roll it back (rollback NAME) before starting another canary"
+                if dp_ranks is not None else "to apply it on every rank, promote it (promote NAME)")  # fmt: skip
+        return _refused(action, name, f"patch {name!r} has an active canary ({_rollouts.describe(active)}, since "
+                        f"{_clock(active['since'])}, requested by {active['requester']}): {what}",
+                        conflict=active)  # fmt: skip
+    if dp_ranks is None:
+        return await change(engine_client, "apply", name, who, timeout)
+    return await _canary(engine_client, name, requester, who, reason, dp_ranks, guards, window_s, timeout)
+
+
+async def _canary(
+    engine_client: Any,
+    name: str,
+    requester: str,
+    who: str,
+    reason: str,
+    dp_ranks: Sequence[int],
+    guards: Sequence[str],
+    window_s: float | None,
+    timeout: float,
+) -> dict[str, Any]:
+    record = _rollouts.new_record(name, dp_ranks, requester, reason=reason, guards=guards, window_s=window_s)
+    # Declared before the change (an engine core refuses it if another API server began one meanwhile).
+    answers = await _store(engine_client, _rollouts.BEGIN, record, timeout)
+    conflict = next((answer["conflict"] for answer in answers if answer.get("conflict")), None)
+    if conflict is not None:
+        await _store(engine_client, _rollouts.PUT, _rollouts.ended(record, _rollouts.DISCARDED, who), timeout)
+        return _refused("apply", name, f"patch {name!r} has an active canary ({_rollouts.describe(conflict)}, "
+                        f"requested by {conflict.get('requester')}): promote it or roll it back before starting "
+                        "another canary", conflict=conflict)  # fmt: skip
+    report = await change(engine_client, "apply", name, who, timeout, dp_ranks)
+    if report["outcome"] == "done" and not any(p.get("changed") for p in report["processes"]):
+        # Nothing diverges: the patch was applied there already, or its target lives in no engine core or worker.
+        report.update(ok=False, outcome="refused", error=(
+            f"nothing changed on dp ranks {sorted(dp_ranks)}: patch {name!r} is applied there already, or it "
+            "changes no engine core or worker (a patch of the API server cannot be canaried by rank); no rollout "
+            "started"))  # fmt: skip
+    if report["outcome"] != "done":
+        await _store(engine_client, _rollouts.PUT, _rollouts.ended(record, _rollouts.DISCARDED, who), timeout)
+        report["rollout"] = None
+        return report
+    report["rollout"] = record
+    return report
+
+
+async def _end(
+    engine_client: Any, active: Mapping[str, Any], state: str, who: str, reason: str, timeout: float, **extra: Any
+) -> dict[str, Any]:
+    record = _rollouts.ended(active, state, who, reason=reason, **extra)
+    await _store(engine_client, _rollouts.PUT, record, timeout)
+    return record
+
+
+async def end_by_guard(
+    engine_client: Any,
+    name: str,
+    figures: Mapping[str, Any],
+    reason: str,
+    *,
+    rollout_id: str | None = None,
+    timeout: float = ENGINE_TIMEOUT_S,
+) -> dict[str, Any]:
+    """A guard's verdict: roll the active canary of ``name`` back on its ranks, all or nothing, and record it.
+
+    When done everywhere it was asked, the rollout ends ``rolled_back_by_guard`` with ``figures`` and
+    ``reason`` (its ``end_reason``); otherwise it stays active and the report (the kill switch's) says why.
+    Refused, changing nothing, when ``name`` has no active rollout (or not the one ``rollout_id`` names).
+    The caller holds :func:`one_at_a_time`, advances the change epoch and logs (the endpoint's guard hook).
+    """
+    active = _rollouts.active_rollout(await rollouts_now(engine_client, timeout), name)
+    if active is None or (rollout_id is not None and active["id"] != rollout_id):
+        what = (
+            f"rollout {rollout_id} of patch {name!r} is not active"
+            if rollout_id
+            else f"patch {name!r} has no active rollout"
+        )
+        return _refused("rollback", name, f"{what}: nothing for the guard to roll back")
+    who = f"guard of rollout {active['id']}"
+    report = await change(engine_client, "rollback", name, f"{who} ({reason})", timeout, active["dp_ranks"])
+    if report["outcome"] == "done":
+        report["rollout"] = await _end(engine_client, active, _rollouts.ROLLED_BACK_BY_GUARD, who, reason, timeout,
+                                       figures=figures)  # fmt: skip
+    return report
+
+
+def _clock(unix: Any) -> str:
+    """A record's time for a message: UTC, to the second."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(unix)))
+    except (TypeError, ValueError, OverflowError):
+        return str(unix)
