@@ -87,6 +87,7 @@ def server(vllm_workspace: Any, tmp_path_factory: pytest.TempPathFactory) -> Ite
         VCP_GATE_LOG=str(tmp / "gate.jsonl"),
         VLLM_CUSTOM_PATCHES_TRACE_FILE=str(tmp / "trace.jsonl"),
         VLLM_CUSTOM_PATCHES_CONTROL_TOKEN=TOKEN,
+        VLLM_SERVER_DEV_MODE="1",  # vLLM's dev routes: POST /collective_rpc reaches both workers
         VCP_RANK_WITNESS_FILE=str(tmp / "ranks.jsonl"),
         VCP_TAMPER_IN_PROCESS="VllmWorker-1",
         VCP_TAMPER_FILE=str(tmp / "tamper-now"),
@@ -395,3 +396,35 @@ def test_refused_requests_change_nothing(server: ControlServer) -> None:
     assert applied() == before
     log = server.log.read_text(errors="replace")
     assert "refused: wrong token" in log and "refused: no bearer token" in log
+
+
+def test_a_malformed_dev_mode_call_of_the_control_method_leaves_both_workers_answering_in_step(
+    server: ControlServer,
+) -> None:
+    """vLLM 0.32's multiprocessing executor stops reading answers at the first worker that raised, so
+    one raising worker method made every later ``collective_rpc`` read the previous call's answers
+    (the status then failed with 400, the switch with 409/500).  Whatever arrives, our worker
+    methods answer: nothing changes, and the engine's RPCs stay in step."""
+    workers = {p["pid"] for p in status(server)["processes"] if p["role"] == "worker"}
+    url = f"{server.url}/collective_rpc"
+    calls: list[dict[str, Any]] = [
+        {"method": "vllm_custom_patches_control", "kwargs": {"action": "rollback", "name": "RankWitness"}},
+        {"method": "vllm_custom_patches_control", "args": [1, 2, 3]},
+        {"method": "vllm_custom_patches_status", "args": ["junk"], "kwargs": {"x": 1}},
+    ]
+    for body in calls:
+        code, answer = request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        assert code == 200, (body, code, answer)
+        results = answer["results"]
+        assert len(results) == 2 and not any(r.get("changed") for r in results), (body, answer)
+        assert {r["pid"] for r in results} == workers  # each worker answered this call, not an earlier one
+        code, answer = request(url, data=b'{"method": "check_health"}', headers={"Content-Type": "application/json"})
+        assert (code, answer) == (200, {"results": [None, None]}), (body, code, answer)
+    found = states(server, "RankWitness")
+    assert (found[("worker", 0)], found[("worker", 1)]) == ("applied", "applied")
+    assert status(server)["consistent"] is True
+    code, report = _control(server, "rollback", "RankWitness")
+    assert code == 200 and report["ok"], report
+    code, report = _control(server, "apply", "RankWitness")
+    assert code == 200 and report["ok"], report
+    assert "kill-switch call refused, nothing changed" in server.log.read_text(errors="replace")

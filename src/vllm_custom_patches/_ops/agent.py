@@ -198,14 +198,32 @@ def _engine_core_rollouts(
     return keep((action, name, op_id, who, issued, mac, payload), scope)
 
 
-def _worker_control(wrapper: Any, *signed: Any) -> dict[str, Any]:
+# vLLM's multiprocessing executor (0.32) stops reading its workers' answers at the first worker
+# that raised, so that worker's next answer is read as the answer to the next call: one
+# exception in a worker RPC desynchronises every later ``collective_rpc`` of the engine.  Our
+# worker methods are reachable by anyone vLLM's dev mode lets call ``/collective_rpc``, with
+# any arguments, so they never raise: whatever arrives, each worker answers with a record.
+
+
+def _worker_control(wrapper: Any, *signed: Any, **keywords: Any) -> dict[str, Any]:
     """RPC method of vLLM's WorkerWrapperBase: the change in this worker, between two model steps, if authentic."""
-    return control_record(signed, _ROLE_WORKER, **_worker_ranks(wrapper))
+    ranks = _worker_ranks(wrapper)
+    if keywords:  # the API server never sends any: with them, not a signed step (refused, logged)
+        signed = (*signed, {"keyword arguments": sorted(map(str, keywords))[:5]})
+    try:
+        return control_record(signed, _ROLE_WORKER, **ranks)
+    except Exception as exc:  # answered, never raised: see above
+        return {**unreachable_record(_ROLE_WORKER, f"control step failed: {type(exc).__name__}: {exc}", **ranks),
+                "ok": False, "changed": False, "relevant": True, "state": "unknown", "refused": True}  # fmt: skip
 
 
-def _worker_status(wrapper: Any) -> dict[str, Any]:
-    """RPC method of vLLM's WorkerWrapperBase: this worker."""
-    return process_record(_ROLE_WORKER, **_worker_ranks(wrapper))
+def _worker_status(wrapper: Any, *args: Any, **keywords: Any) -> dict[str, Any]:
+    """RPC method of vLLM's WorkerWrapperBase: this worker (arguments, which none sends, are ignored)."""
+    ranks = _worker_ranks(wrapper)
+    try:
+        return process_record(_ROLE_WORKER, **ranks)
+    except Exception as exc:  # answered, never raised: see above
+        return unreachable_record(_ROLE_WORKER, f"status failed: {type(exc).__name__}: {exc}", **ranks)
 
 
 def _worker_ranks(wrapper: Any) -> dict[str, int | None]:
