@@ -72,6 +72,8 @@ class CustomPatchesEndpoint:
 
     name = "custom_patches"
     required_tasks = None  # every server, generate or pooling; a render server has no engine
+    read_metrics: "Callable[[], str] | None" = None
+    """vLLM's metrics text for a canary's start reading; None: this API server's, as ``/metrics`` serves it."""
 
     def __init__(self, clock: "Callable[[], float]" = time.monotonic) -> None:
         from ._ops.epoch import ChangeEpoch
@@ -180,9 +182,11 @@ class CustomPatchesEndpoint:
                 "vllm-custom-patches control: %s of patch %r%s requested by %s", action, name, where, requester
             )
             try:
+                ranks = body.dp_ranks or []
                 report = await control(
                     self._engine_client, action, name, who,
                     reason=reason, dp_ranks=body.dp_ranks, guards=guards, window_s=body.window_s,
+                    start_reading=lambda: self._start_reading(name, ranks),
                 )  # fmt: skip
             finally:
                 self._epoch.advance()  # before the answer: no API server of this server serves an older view
@@ -195,6 +199,26 @@ class CustomPatchesEndpoint:
         if report["ok"] and action == "apply" and rollout and rollout["guards"]:  # a canary began, with guards
             self._watch(rollout)
         return HTTP_STATUS[report["outcome"]], report
+
+    async def _start_reading(self, name: str, dp_ranks: "list[int]") -> "dict[str, Any] | None":
+        """vLLM's metrics and the patch's telemetry on ``dp_ranks`` now, as a canary of ``name`` begins (the
+        rollout record keeps it as ``at_start``: ``compare`` and the guards measure its life from it)."""
+        from ._core.log import logger
+        from ._ops.figures import Reading, telemetry_of
+        from ._ops.fleet import collect
+        from ._ops.vllm_metrics import parse, read_local
+
+        try:
+            status = await collect(self._engine_client)
+            at = time.time()  # the clock the guardian and compare read
+            text = await asyncio.to_thread(self.read_metrics or read_local)
+            return Reading(parse(text, at), telemetry_of(status["processes"], name, dp_ranks)).to_json()
+        except Exception as exc:  # the canary goes ahead; compare then needs --window
+            logger.warning(
+                "vllm-custom-patches: the canary of %r keeps no reading of its start (%s: %s); compare it with --window",
+                name, type(exc).__name__, exc,
+            )  # fmt: skip
+            return None
 
     def _watch(self, rollout: "dict[str, Any]") -> None:
         """Have the guardian (``_ops.guardian``) watch a canary's guards from this API server."""

@@ -185,6 +185,15 @@ class Engines:
 # -- the real endpoint over them ------------------------------------------------------------------
 
 ARGS = Namespace(api_key=None, host="127.0.0.1", port=8000, uds=None)
+METRICS = """# TYPE vllm:request_success_total counter
+vllm:request_success_total{engine="0",finished_reason="stop",model_name="m"} 3.0
+vllm:request_success_total{engine="1",finished_reason="stop",model_name="m"} 5.0
+"""
+"""vLLM's /metrics as the stand-in API server reads it for a canary's start (one counter per rank)."""
+
+
+def _metrics() -> str:
+    return METRICS
 
 
 async def _endpoint(engines: Engines) -> tuple[Any, Any]:
@@ -192,6 +201,7 @@ async def _endpoint(engines: Engines) -> tuple[Any, Any]:
 
     app = fastapi.FastAPI()
     endpoint = CustomPatchesEndpoint()
+    endpoint.read_metrics = _metrics
     endpoint.attach_router(app)
     await endpoint.init_state(engines, app.state, ARGS)
     assert endpoint._refresher is not None
@@ -456,6 +466,39 @@ def test_a_canary_that_changes_nothing_starts_no_rollout() -> None:
     _serve(scenario, Engines(3, applied={PATCH}))  # applied everywhere already
 
 
+def test_a_canary_keeps_a_reading_of_its_start_taken_before_it_is_applied() -> None:
+    """What ``compare`` and the guards measure the rollout's life from (``at_start``)."""
+    engines = Engines(2)
+    readings: list[list[bool]] = []
+
+    def metrics() -> str:
+        readings.append(engines.applied())  # what the canary ranks had when the reading was taken
+        return METRICS
+
+    async def main() -> None:
+        endpoint, client = await _endpoint(engines)
+        endpoint.read_metrics = metrics
+        async with client:
+            rollout = (await _post(client, "apply", {"dp_ranks": [1]})).json()["rollout"]
+            start = rollout["at_start"]
+            assert readings == [[False, False]]  # before the apply
+            assert sorted(start["metrics"]["engines"]) == ["0", "1"] and start["telemetry"] is None
+            assert start["metrics"]["at"] <= rollout["since"] + 1
+            assert (await _post(client, "apply", {"dp_ranks": [0]})).status_code == 409
+            assert len(readings) == 1  # a refused canary reads nothing
+            (shown,) = (await _status(client))["rollouts"]
+            assert shown["at_start"] == start  # every API server reads it from the engine cores
+
+            def unreadable() -> str:
+                raise RuntimeError("no metrics here")
+
+            endpoint.read_metrics = unreadable
+            other = (await _post(client, "apply", {"dp_ranks": [0]}, name=OTHER)).json()
+            assert other["ok"] and other["rollout"]["at_start"] is None  # the canary goes ahead without it
+
+    asyncio.run(asyncio.wait_for(main(), HANG_GUARD_S))
+
+
 # -- two API servers ------------------------------------------------------------------------------
 
 
@@ -681,6 +724,7 @@ def _http_server(engines: Engines) -> Iterator[str]:
     from vllm_custom_patches.endpoint import CustomPatchesEndpoint
 
     endpoint = CustomPatchesEndpoint()
+    endpoint.read_metrics = _metrics
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any) -> AsyncIterator[None]:

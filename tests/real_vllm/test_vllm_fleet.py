@@ -304,6 +304,84 @@ def test_a_status_read_right_after_a_change_shows_it_whichever_api_server_answer
     assert len(answered_by) == 2, answered_by  # both API servers were read
 
 
+def _post_json(url: str, body: Mapping[str, Any], token: str = CONTROL_TOKEN) -> tuple[int, Any]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST",
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def _applied(report: Mapping[str, Any]) -> dict[tuple[str, int | None, int | None], list[str]]:
+    return {(p["role"], p["dp_rank"], p["tp_rank"]): p["applied"] for p in report["processes"]
+            if p["role"] != "api_server"}  # fmt: skip
+
+
+def test_a_canary_on_rank_1_then_promote_seen_by_both_api_servers(dp_server: Cluster) -> None:
+    """Issue 20 (b, d): shortest_prompt_first on data-parallel rank 1 only, declared (consistent), listed by both
+    API servers, refused on tensor-parallel ranks, an unknown rank or with a malformed guard; promote reaches rank 0.
+    The server is left with the patches it had."""
+    name, url = "shortest_prompt_first", dp_server.url
+    before = _status(dp_server)
+    rollouts_before = len(before["rollouts"])
+    control = ("--url", url, "--token", CONTROL_TOKEN)
+    result = _run_cli("apply", name, "--dp-ranks", "1", "--reason", "canary on rank 1", *control)
+    assert result.returncode == 0, result.stdout + result.stderr
+    print(f"$ vllm-custom-patches apply {name} --dp-ranks 1 ...\n{result.stdout}")
+    assert f"patch '{name}' applied on dp rank(s) 1" in result.stdout
+    try:
+        # Each read may be answered by either API server (two on one port): every one must show the canary.
+        answered_by: set[int] = set()
+        for _ in range(60):
+            report = _status(dp_server)
+            (api,) = _by_role(report, "api_server")
+            answered_by.add(api["pid"])
+            assert report["consistent"] is True, report["inconsistencies"] or report["errors"]
+            cores = _by_role(report, "engine_core")
+            assert [c["applied"] for c in cores] == [["scheduler_trace"], ["scheduler_trace", name]], cores
+            active = [r for r in report["rollouts"] if r["state"] == "active"]
+            assert [(r["patch"], r["dp_ranks"], r["reason"]) for r in active] == [(name, [1], "canary on rank 1")]
+            if len(answered_by) == 2:
+                break
+        assert len(answered_by) == 2, f"60 reads were all answered by {answered_by}"
+        for i in range(6):  # both ranks serve, the canary's with its scheduler
+            assert _complete(dp_server, f"canary traffic {i}")["choices"][0]["text"] is not None
+        result = _run_cli("status", "--url", url, "--api-key", API_KEY)
+        assert result.returncode == 0 and f"{name} on dp rank(s) 1: active since" in result.stdout, result.stdout
+        print(f"$ vllm-custom-patches status ...\n{result.stdout}")
+
+        # Refused, nothing changed: a canary of tensor-parallel ranks, a rank no engine core has, a bad guard.
+        shown = _applied(_status(dp_server))
+        for body, problem in (
+            ({"dp_ranks": [1], "tp_ranks": [0]}, "unknown field(s) 'tp_ranks'"),
+            ({"dp_ranks": [2]}, "no engine core has dp rank(s) [2]; this server's engine cores have dp ranks [0, 1]"),
+            ({"dp_ranks": [0], "guards": ["ttft_p99<=fast"]}, "threshold 'fast' is not a number"),
+        ):
+            code, answer = _post_json(f"{url}/custom_patches/fair_share/apply", body)
+            assert code == 422 and problem in answer["error"], (code, answer)
+        second = _post_json(f"{url}/custom_patches/{name}/apply", {"dp_ranks": [0]})
+        assert second[0] == 409 and "has an active canary" in second[1]["error"]
+        after = _status(dp_server)
+        assert _applied(after) == shown and [r["state"] for r in after["rollouts"]][rollouts_before:] == ["active"]
+
+        result = _run_cli("promote", name, *control)
+        assert result.returncode == 0, result.stdout + result.stderr
+        print(f"$ vllm-custom-patches promote {name} ...\n{result.stdout}")
+        report = _status(dp_server)
+        assert [c["applied"] for c in _by_role(report, "engine_core")] == [["scheduler_trace", name]] * 2
+        assert report["consistent"] is True
+        (promoted,) = report["rollouts"][rollouts_before:]
+        assert promoted["state"] == "promoted" and promoted["ended"] >= promoted["since"]
+    finally:
+        code, answer = _post(f"{url}/custom_patches/{name}/rollback", CONTROL_TOKEN)
+        assert code == 200 and answer["ok"], answer
+    assert _applied(_status(dp_server)) == _applied(before)
+
+
 # -- multi-node: three nodes, one started without VLLM_CUSTOM_PATCHES ----------------------
 
 

@@ -12,7 +12,6 @@ from .abcs import refresh_abc_state
 from .errors import PatchApplyError, PatchConflictError, PatchError, PatchVersionError
 from .graft import MISSING, ORIGINAL_PREFIX, Change, Transaction, mro_lookup, rebind, restore
 from .inflight import Lingering, LingeringLayer, codes_of, threads_running
-from .instrument import Instrument, installed, instrumented_member, instrumented_original
 from .live import check_live_instances
 from .log import logger
 from .planning import check_conflicts, plan_apply
@@ -100,7 +99,7 @@ def rollback(name: str) -> bool:
                 errors.append(exc)
         gained, lost = record.lost, record.gained  # what the apply gained is lost now, and the other way round
         for member in record.stacked:
-            bases[member] = reg.stacks[(target, member)].reached_base
+            bases[member] = reg.stacks[(target, member)].base
             try:
                 came, went = _leave(reg, target, member, name)
             except Exception as exc:
@@ -215,8 +214,6 @@ def _graft(patch_cls: type[PatchLike], spec: PatchSpec, target: type, live_check
     table = patch_cls._vcp_originals
     table_before = {member: table.state(member) for member in originals}
     tx = Transaction(target)
-    # Read once: one apply is instrumented all through, or not at all.
-    instrument = installed()
     # Each original goes in before its replacement, so a thread calling the
     # target meanwhile never finds a graft whose original is missing; the
     # patch's original() entries go in first of all, for the same reason.
@@ -225,9 +222,8 @@ def _graft(patch_cls: type[PatchLike], spec: PatchSpec, target: type, live_check
         if member in stacked:
             continue
         if member in originals:
-            original = instrumented_original(instrument, target, member, originals[member])
-            steps.append((ORIGINAL_PREFIX + member, original, False))
-        steps.append((member, instrumented_member(instrument, spec.name, target, member, rebind(value, target)), True))
+            steps.append((ORIGINAL_PREFIX + member, originals[member], False))
+        steps.append((member, rebind(value, target), True))
     joined: dict[str, Stack] = {}
     shown = {member: _shown(target, member) for member in stacked}
     member = ""
@@ -238,7 +234,7 @@ def _graft(patch_cls: type[PatchLike], spec: PatchSpec, target: type, live_check
         for member, value, own in steps:
             _set(tx, member, value, own)
         for member in stacked:
-            joined[member] = _join(tx, spec, table, target, member, plan.holders[member], originals[member], instrument)
+            joined[member] = _join(tx, spec, table, target, member, plan.holders[member], originals[member])
     except BaseException as exc:
         undo_errors = tx.undo()
         for name, state in table_before.items():
@@ -271,7 +267,6 @@ def _graft(patch_cls: type[PatchLike], spec: PatchSpec, target: type, live_check
     lost = any(value is None for value in spec.members.values())
     abstracts = refresh_abc_state(target, gained=gained, lost=lost, before=reg.abc_before)
     stack_names = {*stacked, *(ORIGINAL_PREFIX + member for member in stacked)}
-    grafted = [value for _, value, own in steps if own] + [stack.layer(spec.name).member for stack in joined.values()]
     return Applied(
         patch=patch_cls,
         target=target,
@@ -282,8 +277,7 @@ def _graft(patch_cls: type[PatchLike], spec: PatchSpec, target: type, live_check
         abstracts=abstracts,
         gained=gained,
         lost=lost,
-        # With an instrument, a thread inside its stand-in is about to run (or has run) the patch's code.
-        codes=codes_of([*spec.members.values(), *grafted]),
+        codes=codes_of(spec.members.values()),
         stacked=stacked,
     )
 
@@ -297,32 +291,18 @@ def _set(tx: Transaction, member: str, value: object, own: bool) -> None:
 
 
 def _join(
-    tx: Transaction,
-    spec: PatchSpec,
-    table: Originals,
-    target: type,
-    member: str,
-    holder: type,
-    base: object,
-    instrument: Instrument | None,
+    tx: Transaction, spec: PatchSpec, table: Originals, target: type, member: str, holder: type, base: object
 ) -> Stack:
     """Make the patch a layer of the stack on ``target.member`` (a new stack of one if there is none).
 
     Only the target is changed here (recorded in ``tx``) and the patch's own
     ``original()`` entry; the stack itself is committed by the caller, once
-    every member has joined.  The target keeps vLLM's original itself under
-    ``_original_<name>`` (no layer reads it); an instrument's stand-in for it
-    is what the innermost layer calls (``Stack.reach``).
+    every member has joined.
     """
-    own = instrumented_member(instrument, spec.name, target, member, rebind(spec.members[member], target))
-    layer = Layer(spec.name, spec.order, table, own)
+    layer = Layer(spec.name, spec.order, table, rebind(spec.members[member], target))
     current = REGISTRY.stacks.get((target, member))
     if current is None:
-        reach = instrumented_original(instrument, target, member, base)
-        stack = Stack(
-            target, member, base, holder, vars(target).get(member, MISSING), (layer,),
-            reach=MISSING if reach is base else reach,
-        )  # fmt: skip
+        stack = Stack(target, member, base, holder, vars(target).get(member, MISSING), (layer,))
     else:
         stack = current.joined(layer)
     link(table, stack, layer.key)

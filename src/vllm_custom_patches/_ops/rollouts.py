@@ -7,7 +7,9 @@ Interface (what the endpoint, ``_fleet``, ``_switch`` and the guards use):
   None while active), ``requester`` (the client's address), ``reason``, ``guards`` (their canonical
   texts, ``_guards``), ``window_s`` (None without guards), ``state`` (one of :data:`STATES`),
   ``ended_by``, ``end_reason``, ``figures`` (what the guard saw when it rolled the canary back, else
-  None) and ``revision`` (raised by each change of the record);
+  None), ``at_start`` (vLLM's metrics and the patch's telemetry read by the accepting API server just
+  before the canary was applied, ``_figures.Reading`` as JSON, or None: what ``compare`` and the
+  guards measure the rollout's life from) and ``revision`` (raised by each change of the record);
 * :func:`active_rollout` finds a patch's active rollout in a list of records; :func:`declared` is what
   ``_fleet.analyse`` accepts as an intended divergence (each active rollout's patch on its ranks only);
 * :func:`check_dp_ranks` and :func:`check_window` check a control request's fields (``ValueError``
@@ -78,9 +80,10 @@ def new_record(
     reason: str = "",
     guards: Sequence[str] = (),
     window_s: float | None = None,
+    at_start: Mapping[str, Any] | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
-    """A new active rollout of ``patch`` on ``dp_ranks``."""
+    """A new active rollout of ``patch`` on ``dp_ranks``; ``at_start``: the metrics read as it began (``_figures``)."""
     return {
         "id": uuid.uuid4().hex[:12],
         "patch": patch,
@@ -95,6 +98,7 @@ def new_record(
         "ended_by": None,
         "end_reason": "",
         "figures": None,
+        "at_start": dict(at_start) if at_start is not None else None,
         "revision": 1,
     }
 

@@ -29,7 +29,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 from .._core.forksafe import ForkSafeLock
@@ -273,6 +273,7 @@ async def control(
     dp_ranks: Sequence[int] | None = None,
     guards: Sequence[str] = (),
     window_s: float | None = None,
+    start_reading: Callable[[], Awaitable[Mapping[str, Any] | None]] | None = None,
     timeout: float = ENGINE_TIMEOUT_S,
 ) -> dict[str, Any]:
     """What a control route does: ``apply``, ``rollback`` or ``promote`` of ``name``, and its rollout record.
@@ -286,7 +287,8 @@ async def control(
     * ``promote``: apply everywhere, and the active rollout ends ``promoted``.
 
     The caller checked the request's fields (ranks that exist, parsed guards).  The record changes only
-    when the change was done everywhere it was asked.
+    when the change was done everywhere it was asked.  ``start_reading``, if given, is awaited just
+    before a canary is applied: the record keeps what it gives as ``at_start``.
     """
     who = requester + (f" ({reason})" if reason else "")
     if action == "rollback" and dp_ranks is None:
@@ -332,7 +334,8 @@ async def control(
                         conflict=active)  # fmt: skip
     if dp_ranks is None:
         return await change(engine_client, "apply", name, who, timeout)
-    return await _canary(engine_client, name, requester, who, reason, dp_ranks, guards, window_s, timeout)
+    at_start = await start_reading() if start_reading is not None else None
+    return await _canary(engine_client, name, requester, who, reason, dp_ranks, guards, window_s, at_start, timeout)
 
 
 async def _canary(
@@ -344,9 +347,12 @@ async def _canary(
     dp_ranks: Sequence[int],
     guards: Sequence[str],
     window_s: float | None,
+    at_start: Mapping[str, Any] | None,
     timeout: float,
 ) -> dict[str, Any]:
-    record = _rollouts.new_record(name, dp_ranks, requester, reason=reason, guards=guards, window_s=window_s)
+    record = _rollouts.new_record(
+        name, dp_ranks, requester, reason=reason, guards=guards, window_s=window_s, at_start=at_start
+    )
     # Declared before the change (an engine core refuses it if another API server began one meanwhile).
     answers = await _store(engine_client, _rollouts.BEGIN, record, timeout)
     conflict = next((answer["conflict"] for answer in answers if answer.get("conflict")), None)
