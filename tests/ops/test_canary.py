@@ -167,11 +167,15 @@ class Engines:
         self.engine_core = self
         self.calls: list[tuple[str, int, str]] = []
         """(method, rank, the step's action) of every call."""
+        self.deaf_to_records: set[int] = set()
+        """Ranks whose engine core does not answer a rollout record's write (it times out)."""
 
     async def _call_utility_async(self, method: str, *args: Any, engine: bytes) -> Any:
         rank = int.from_bytes(engine, "little")
         self.calls.append((method, rank, str(args[0]) if args else ""))
         await asyncio.sleep(0)  # a real call is a round trip: other tasks run meanwhile
+        if method == ROLLOUTS_METHOD and args and rank in self.deaf_to_records:
+            raise asyncio.TimeoutError()
         return self.ranks[rank].answer(method, args)
 
     def applied(self, role: str = "engine_core") -> list[bool]:
@@ -497,6 +501,35 @@ def test_a_canary_keeps_a_reading_of_its_start_taken_before_it_is_applied() -> N
             assert other["ok"] and other["rollout"]["at_start"] is None  # the canary goes ahead without it
 
     asyncio.run(asyncio.wait_for(main(), HANG_GUARD_S))
+
+
+def test_an_engine_core_that_misses_a_record_s_revision_does_not_hide_it_and_is_named_in_the_log() -> None:
+    from _helpers import captured_logs
+
+    engines = Engines(3)
+
+    async def scenario(client: Any, engines: Engines) -> None:
+        engines.deaf_to_records = {2}
+        with captured_logs() as logs:
+            started = await _post(client, "apply", {"dp_ranks": [1]})
+        assert started.status_code == 200 and engines.ranks[2].kept == {}, started.text
+        (warning,) = [m for m in logs.messages() if "not kept by engine core" in m]
+        assert "dp_rank=2: did not answer in time" in warning and "revision 1, active" in warning
+        assert [r["state"] for r in (await _status(client))["rollouts"]] == ["active"]
+        engines.deaf_to_records = {0}  # now rank 0 misses the promote's revision
+        assert (await _post(client, "promote")).status_code == 200
+        rollout_id = started.json()["rollout"]["id"]
+        assert engines.ranks[0].kept[rollout_id]["state"] == "active"  # its stale copy
+        status = await _status(client)
+        assert [r["state"] for r in status["rollouts"]] == ["promoted"] and status["consistent"] is True
+        # Its stale active copy must not refuse the patch's next canary: the next change gives it what it missed.
+        engines.deaf_to_records = set()
+        assert (await _post(client, "rollback")).status_code == 200
+        assert [rank.kept[rollout_id]["state"] for rank in engines.ranks] == ["promoted"] * 3
+        again = await _post(client, "apply", {"dp_ranks": [2]})
+        assert again.status_code == 200, again.text
+
+    _serve(scenario, engines)
 
 
 # -- two API servers ------------------------------------------------------------------------------

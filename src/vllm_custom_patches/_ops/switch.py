@@ -29,6 +29,7 @@ import asyncio
 import json
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -225,7 +226,7 @@ def summary(report: Mapping[str, Any]) -> str:
 
 # -- canaries: a patch on chosen data-parallel ranks, and its rollout record ----------------------
 
-_locks: dict[int, asyncio.Lock] = {}
+_locks: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 def one_at_a_time() -> asyncio.Lock:
@@ -234,26 +235,51 @@ def one_at_a_time() -> asyncio.Lock:
     One per event loop: an asyncio lock belongs to the loop that first waits on it.
     """
     loop = asyncio.get_running_loop()
-    lock = _locks.get(id(loop))
+    lock = _locks.get(loop)
     if lock is None:
-        _locks.clear()  # a loop that ran before this one (tests) is done with its lock
-        lock = _locks[id(loop)] = asyncio.Lock()
+        lock = _locks[loop] = asyncio.Lock()
     return lock
 
 
 async def rollouts_now(engine_client: Any, timeout: float = ENGINE_TIMEOUT_S) -> list[dict[str, Any]]:
-    """Every rollout of the server's life, from the engine cores' copies (one that does not answer is skipped)."""
+    """Every rollout of the server's life, from the engine cores' copies (one that does not answer is skipped).
+
+    An engine core whose copy lacks a revision the others have (it did not answer when it was written)
+    is given it now, before it can matter there (a stale active copy would refuse the patch's next canary).
+    """
     if engine_client is None:
         return []
     answers = await call_engine_cores(engine_client, ROLLOUTS_METHOD, (), timeout)
-    return _rollouts.merge(answer.get("rollouts") or [] for _, answer in answers if isinstance(answer, dict))
+    copies = {rank: answer.get("rollouts") or [] for rank, answer in answers if isinstance(answer, dict)}
+    latest = _rollouts.merge(copies.values())
+    for rank, copy in copies.items():
+        have = {r.get("id"): r.get("revision") for r in copy if isinstance(r, Mapping)}
+        for record in latest:
+            if rank is not None and have.get(record["id"]) != record["revision"]:
+                await _store(engine_client, _rollouts.PUT, record, timeout, [rank])
+    return latest
 
 
-async def _store(engine_client: Any, step: str, record: Mapping[str, Any], timeout: float) -> list[dict[str, Any]]:
-    """Give every engine core ``record`` (a signed ``step``); the answers of those that answered."""
+async def _store(
+    engine_client: Any, step: str, record: Mapping[str, Any], timeout: float, dp_ranks: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
+    """Give every engine core (or those of ``dp_ranks``) ``record`` (a signed ``step``); the answers of those
+    that answered."""
     signed = sign_with_payload(step, str(record["patch"]), uuid.uuid4().hex[:12], str(record["requester"]),
                                json.dumps(record, separators=(",", ":")))  # fmt: skip
-    answers = await call_engine_cores(engine_client, ROLLOUTS_METHOD, signed, timeout)
+    answers = await call_engine_cores(engine_client, ROLLOUTS_METHOD, signed, timeout, dp_ranks)
+    failed = [
+        f"dp_rank={rank}: {engine_failure(answer) if isinstance(answer, BaseException) else answer.get('error')}"
+        for rank, answer in answers
+        if isinstance(answer, BaseException) or not (answer.get("ok") or answer.get("conflict"))
+    ]
+    if failed:  # the others' copies still tell every API server; this says which engine core lacks it
+        from .._core.log import logger
+
+        logger.warning(
+            "vllm-custom-patches: %s (revision %s, %s) not kept by engine core(s) %s",
+            _rollouts.describe(record), record["revision"], record["state"], "; ".join(failed),
+        )  # fmt: skip
     return [answer for _, answer in answers if isinstance(answer, dict)]
 
 
