@@ -22,8 +22,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "vllm_custom_patches"
 WINGS = ("_core", "_runtime", "_ops", "_upgrade", "_cli")
 INTERFACES: dict[str, set[str]] = {
     # What one wing offers the others (the core offers everything it has).
-    "_runtime": {"activation", "discovery", "selection", "vllm_env"},
-    "_ops": {"agent", "remote"},
+    "_runtime": {"activation", "discovery", "selection", "telemetry", "vllm_env"},
+    "_ops": {"agent", "figures", "guards", "remote", "vllm_metrics"},
     "_upgrade": {"doctor", "fingerprint", "signatures", "static", "surface", "vllm_views"},
     "_cli": {"main"},
     "testing": {"__init__"},

@@ -144,6 +144,9 @@ def test_unknown_figures_say_why() -> None:
     assert missing["notes"]["ttft_p50"] == "vLLM publishes no metrics for rank(s) 7"
     single = parse(page, at=5.0).since(None).figures([0])
     assert single["request_rate"] is None and single["notes"]["request_rate"] == "no time window (a single reading)"
+    backwards = parse(page, at=5.0).since(parse(page, at=8.0)).figures([0])  # a start read on a clock ahead
+    assert backwards["request_rate"] is None
+    assert backwards["notes"]["request_rate"] == "a window of -3 s (do the clocks of the two readings agree?)"
 
 
 def test_only_vllms_engine_series_are_read() -> None:

@@ -12,6 +12,7 @@ from .abcs import refresh_abc_state
 from .errors import PatchApplyError, PatchConflictError, PatchError, PatchVersionError
 from .graft import MISSING, ORIGINAL_PREFIX, Change, Transaction, mro_lookup, rebind, restore
 from .inflight import Lingering, LingeringLayer, codes_of, threads_running
+from .instrument import Instrument, installed, instrumented_member, instrumented_original
 from .live import check_live_instances
 from .log import logger
 from .planning import check_conflicts, plan_apply
@@ -99,7 +100,7 @@ def rollback(name: str) -> bool:
                 errors.append(exc)
         gained, lost = record.lost, record.gained  # what the apply gained is lost now, and the other way round
         for member in record.stacked:
-            bases[member] = reg.stacks[(target, member)].base
+            bases[member] = reg.stacks[(target, member)].reached_base
             try:
                 came, went = _leave(reg, target, member, name)
             except Exception as exc:
@@ -214,6 +215,8 @@ def _graft(patch_cls: type[PatchLike], spec: PatchSpec, target: type, live_check
     table = patch_cls._vcp_originals
     table_before = {member: table.state(member) for member in originals}
     tx = Transaction(target)
+    # Read once: one apply is instrumented all through, or not at all.
+    instrument = installed()
     # Each original goes in before its replacement, so a thread calling the
     # target meanwhile never finds a graft whose original is missing; the
     # patch's original() entries go in first of all, for the same reason.
@@ -222,8 +225,9 @@ def _graft(patch_cls: type[PatchLike], spec: PatchSpec, target: type, live_check
         if member in stacked:
             continue
         if member in originals:
-            steps.append((ORIGINAL_PREFIX + member, originals[member], False))
-        steps.append((member, rebind(value, target), True))
+            original = instrumented_original(instrument, target, member, originals[member])
+            steps.append((ORIGINAL_PREFIX + member, original, False))
+        steps.append((member, instrumented_member(instrument, spec.name, target, member, rebind(value, target)), True))
     joined: dict[str, Stack] = {}
     shown = {member: _shown(target, member) for member in stacked}
     member = ""
@@ -234,7 +238,7 @@ def _graft(patch_cls: type[PatchLike], spec: PatchSpec, target: type, live_check
         for member, value, own in steps:
             _set(tx, member, value, own)
         for member in stacked:
-            joined[member] = _join(tx, spec, table, target, member, plan.holders[member], originals[member])
+            joined[member] = _join(tx, spec, table, target, member, plan.holders[member], originals[member], instrument)
     except BaseException as exc:
         undo_errors = tx.undo()
         for name, state in table_before.items():
@@ -267,6 +271,7 @@ def _graft(patch_cls: type[PatchLike], spec: PatchSpec, target: type, live_check
     lost = any(value is None for value in spec.members.values())
     abstracts = refresh_abc_state(target, gained=gained, lost=lost, before=reg.abc_before)
     stack_names = {*stacked, *(ORIGINAL_PREFIX + member for member in stacked)}
+    grafted = [value for _, value, own in steps if own] + [stack.layer(spec.name).member for stack in joined.values()]
     return Applied(
         patch=patch_cls,
         target=target,
@@ -277,7 +282,8 @@ def _graft(patch_cls: type[PatchLike], spec: PatchSpec, target: type, live_check
         abstracts=abstracts,
         gained=gained,
         lost=lost,
-        codes=codes_of(spec.members.values()),
+        # With an instrument, a thread inside its stand-in is about to run (or has run) the patch's code.
+        codes=codes_of([*spec.members.values(), *grafted]),
         stacked=stacked,
     )
 
@@ -291,18 +297,32 @@ def _set(tx: Transaction, member: str, value: object, own: bool) -> None:
 
 
 def _join(
-    tx: Transaction, spec: PatchSpec, table: Originals, target: type, member: str, holder: type, base: object
+    tx: Transaction,
+    spec: PatchSpec,
+    table: Originals,
+    target: type,
+    member: str,
+    holder: type,
+    base: object,
+    instrument: Instrument | None,
 ) -> Stack:
     """Make the patch a layer of the stack on ``target.member`` (a new stack of one if there is none).
 
     Only the target is changed here (recorded in ``tx``) and the patch's own
     ``original()`` entry; the stack itself is committed by the caller, once
-    every member has joined.
+    every member has joined.  The target keeps vLLM's original itself under
+    ``_original_<name>`` (no layer reads it); an instrument's stand-in for it
+    is what the innermost layer calls (``Stack.reach``).
     """
-    layer = Layer(spec.name, spec.order, table, rebind(spec.members[member], target))
+    own = instrumented_member(instrument, spec.name, target, member, rebind(spec.members[member], target))
+    layer = Layer(spec.name, spec.order, table, own)
     current = REGISTRY.stacks.get((target, member))
     if current is None:
-        stack = Stack(target, member, base, holder, vars(target).get(member, MISSING), (layer,))
+        reach = instrumented_original(instrument, target, member, base)
+        stack = Stack(
+            target, member, base, holder, vars(target).get(member, MISSING), (layer,),
+            reach=MISSING if reach is base else reach,
+        )  # fmt: skip
     else:
         stack = current.joined(layer)
     link(table, stack, layer.key)

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .graft import MISSING
 from .inflight import Lingerers
 from .spec import Originals, PatchSpec
 
@@ -122,6 +123,9 @@ class Stack:
     """What the target's ``__dict__`` holds under ``name`` now (a metaclass may store something else)."""
     original_held: object = None
     """What it holds under ``_original_<name>``."""
+    reach: object = MISSING
+    """What the innermost layer calls as vLLM's original: an instrument's stand-in for ``base``
+    (``instrument``), or ``MISSING`` for ``base`` itself."""
 
     def joined(self, layer: Layer) -> Stack:
         return replace(self, layers=tuple(sorted((*self.layers, layer), key=lambda each: each.key)))
@@ -134,7 +138,12 @@ class Stack:
 
     def inner_of(self, key: tuple[int, str]) -> object:
         """The raw member the layer at ``key`` calls next: the first applied layer inward of it, or the base."""
-        return next((layer.member for layer in self.layers if layer.key > key), self.base)
+        return next((layer.member for layer in self.layers if layer.key > key), self.reached_base)
+
+    @property
+    def reached_base(self) -> object:
+        """What the innermost layer calls as the base: ``base``, or the stand-in an instrument gave for it."""
+        return self.base if self.reach is MISSING else self.reach
 
     @property
     def member_label(self) -> str:

@@ -264,7 +264,11 @@ class Window:
                 figures[name] = state.counters.get(counter, 0.0) / duration
             else:
                 figures[name] = None
-                notes[name] = "no time window (a single reading)" if math.isnan(duration) else "a window of 0 s"
+                notes[name] = (
+                    "no time window (a single reading)"
+                    if math.isnan(duration)
+                    else f"a window of {duration:g} s (do the clocks of the two readings agree?)"
+                )
         if missing:
             for name in ("requests", "failed_requests", "generation_tokens"):
                 notes[name] = f"vLLM publishes no metrics for rank(s) {', '.join(map(str, missing))}"
