@@ -605,6 +605,30 @@ def test_an_engine_core_refuses_to_begin_a_second_active_rollout_of_a_patch() ->
     assert rank.kept[first["id"]]["state"] == "promoted"
 
 
+def test_an_engine_core_keeps_every_active_rollout_and_the_latest_ended_ones_without_their_start_reading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(rollouts_module, "MAX_KEPT", 3)
+    rank = Rank(0, set())
+
+    def put(record: dict[str, Any]) -> None:
+        signed = sign_with_payload(rollouts_module.PUT, record["patch"], uuid.uuid4().hex, "t", json.dumps(record))
+        assert rank.answer(ROLLOUTS_METHOD, signed)["ok"]
+
+    active = rollouts_module.new_record(OTHER, [1], "t", at_start={"metrics": {"at": 1.0, "engines": {}}})
+    put(active)
+    ended = []
+    for i in range(5):
+        start = {"metrics": {"at": 1.0, "engines": {}}}
+        record = rollouts_module.new_record(PATCH, [1], "t", at_start=start, now=1000.0 + i)
+        ended.append(rollouts_module.ended(record, "rolled_back", "t", now=1000.5 + i))
+        put(ended[-1])
+    assert ended[-1]["at_start"] is None and active["at_start"] is not None
+    assert list(rank.kept) == [active["id"], *(r["id"] for r in ended[-3:])]
+    put(ended[0])  # a late copy of an older one (another engine core's, by a repair) does not push out newer ones
+    assert list(rank.kept) == [active["id"], *(r["id"] for r in ended[-3:])]
+
+
 # -- the consistency rule -----------------------------------------------------------------------------
 
 

@@ -26,8 +26,8 @@ So each engine core keeps a copy of every rollout (:func:`keep`, run by the engi
 with the control token (``_auth.sign_with_payload``, as the kill switch's steps are), and the status
 collection reads the copies back: :func:`merge` keeps the latest revision of each.  An engine core
 refuses to begin a rollout of a patch that already has an active one there, so two API servers cannot
-start two canaries of one patch at once.  Records stay for the life of the server (the oldest ended
-ones beyond :data:`MAX_KEPT` are dropped).
+start two canaries of one patch at once.  Records stay for the life of the server: every active one,
+and the latest :data:`MAX_KEPT` ended ones (without their start reading).
 
 The API server itself is not a data-parallel rank: a canary changes the engine cores and workers of
 its ranks only, never an API server (a patch of the API server's own classes would serve every rank's
@@ -69,7 +69,9 @@ PUT = "rollout-put"
 DEFAULT_WINDOW_S = 60.0
 """How long a guard must be broken before it rolls the canary back, when the request gives guards and no window."""
 MAX_WINDOW_S = 86400.0
-MAX_KEPT = 1000
+MAX_KEPT = 100
+"""How many ended rollouts each engine core keeps (every active one is kept): each status collection
+carries the records from every engine core."""
 
 
 def new_record(
@@ -117,7 +119,8 @@ def ended(
     figures: Mapping[str, Any] | None = None,
     now: float | None = None,
 ) -> dict[str, Any]:
-    """``record`` ended in ``state`` (promoted, rolled back) by ``by``."""
+    """``record`` ended in ``state`` (promoted, rolled back) by ``by``; its start reading, which only an active
+    rollout's comparisons need, is dropped (each status collection carries every record)."""
     if state not in STATES[1:] and state != DISCARDED:
         raise ValueError(f"a rollout ends promoted or rolled back, not {state!r}")
     return revised(
@@ -127,6 +130,7 @@ def ended(
         ended_by=by,
         end_reason=reason,
         figures=dict(figures) if figures is not None else record.get("figures"),
+        at_start=None,
     )
 
 
@@ -254,6 +258,10 @@ def keep(args: tuple[Any, ...], scope: str) -> dict[str, Any]:
 
 
 def _trim() -> None:
-    finished = [key for key, record in _kept.items() if record["state"] != ACTIVE]
-    for key in finished[: max(0, len(_kept) - MAX_KEPT)]:
+    # Oldest by when they ended (not by when this copy got them: a late copy must not push out newer ones).
+    finished = sorted(
+        (key for key, record in _kept.items() if record["state"] != ACTIVE),
+        key=lambda key: (_kept[key].get("ended") or 0, _kept[key].get("since") or 0),
+    )
+    for key in finished[: max(0, len(finished) - MAX_KEPT)]:
         del _kept[key]
