@@ -7,6 +7,7 @@
     vllm-custom-patches status --url URL # a running server: every process's patches
     vllm-custom-patches rollback NAME --url URL --token T   # its kill switch (and 'apply')
     vllm-custom-patches apply NAME --dp-ranks 1 --url URL --token T   # a canary; then 'promote NAME'
+    vllm-custom-patches compare NAME --url URL   # that canary's ranks against the others
 
 ``--json`` gives machine-readable output.  ``check`` exits 1 if any checked
 patch would fail, which makes it usable as a container health gate before
@@ -146,12 +147,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .upgrade import add_commands
 
     upgrade = add_commands(commands)
-    for sub in (listing, check, commands.choices["version"], status, *controls, *upgrade):
+    from .compare import add_command
+
+    compare = add_command(commands, _seconds)
+    for sub in (listing, check, commands.choices["version"], status, *controls, *upgrade, compare):
         sub.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
 
     if args.command == "status":
         return _status(args)
+    if args.command == "compare":
+        from .compare import run as run_compare
+
+        return run_compare(args)
     if args.command in ("rollback", "apply", "promote"):
         return _control(args)
     if args.command in ("doctor", "show", "lock"):

@@ -34,7 +34,7 @@ from typing import Any, TextIO
 from .fleet import describe_process
 
 __all__ = [
-    "RemoteError", "control_exit_code", "fetch_status", "post_control", "print_control", "print_status",
+    "RemoteError", "control_exit_code", "fetch_metrics", "fetch_status", "post_control", "print_control", "print_status",
     "status_exit_code",
 ]  # fmt: skip
 
@@ -289,6 +289,30 @@ def fetch_status(url: str, api_key: str | None = None, timeout: float = 30.0) ->
             "endpoint, of a version matching this command's?"
         )
     return report
+
+
+METRICS = "/metrics"
+
+
+def fetch_metrics(url: str, api_key: str | None = None, timeout: float = 30.0) -> str:
+    """``GET {url}/metrics``: vLLM's Prometheus text, as the same hardened client reads the status."""
+    _parse_url(url)
+    headers = {"Accept": "text/plain"}
+    if api_key:
+        _check_credential("--api-key", api_key)
+        headers["Authorization"] = f"Bearer {api_key}"
+    code, body = _exchange(url, "GET", METRICS, headers, None, timeout)
+    if code == 404:
+        raise RemoteError(f"{url} does not serve {METRICS}; is this a vLLM server (its OpenAI-compatible API)?")
+    if code == 401:
+        hint = "pass the server's API key with --api-key" if not api_key else "the API key given was refused"
+        raise RemoteError(f"{url}{METRICS} answered 401 Unauthorized: {hint}")
+    if code != 200:
+        raise RemoteError(f"{url}{METRICS} answered HTTP {code}: {body[:500]!r}")
+    try:
+        return body.decode()
+    except UnicodeDecodeError:
+        raise RemoteError(f"{url}{METRICS} did not answer text; is this a vLLM server?") from None
 
 
 _CONTROL_HINT = (
