@@ -30,6 +30,7 @@ SECTIONS: dict[str, str] = {
     # name -> module in this package, in the order they run.
     "percall": "benchmarks.percall",
     "stacks": "benchmarks.stacks",
+    "telemetry": "benchmarks.telemetry",
     "throughput": "benchmarks.throughput",
     "startup": "benchmarks.startup",
     "engine": "benchmarks.engine",

@@ -269,7 +269,7 @@ class CustomPatchesEndpoint:
 
         # What a failed undo left (several roles out of step) is the API server's to tell.
         report = note_unsettled(await collect(self._engine_client))
-        publish(report)
+        publish(report, self._engine_client)  # this API server's index: who publishes engine counters
         return report
 
     async def _refresh_forever(self) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 # Only what reading one variable needs: this module is imported in every vLLM
 # process, and the package's __init__ imports nothing until a name is used.
-from ._env import ENV_PATCHES
+from ._env import ENV_PATCHES, ENV_TELEMETRY
 
 if TYPE_CHECKING:
     from ._runtime.activation import Epoch
@@ -78,6 +78,8 @@ def register() -> None:
                 install_responders()
         if not os.environ.get(ENV_PATCHES, "").strip():
             _state.done = True
+            if os.environ.get(ENV_TELEMETRY, "").strip():  # the kill switch may apply patches later: time them
+                _enable_telemetry()
             if "logging" in sys.modules:  # always, inside vLLM; not worth importing otherwise
                 from ._core.log import logger
 
@@ -95,6 +97,18 @@ def register() -> None:
         finally:
             _state.running = False
             _state.done = True
+
+
+def _enable_telemetry() -> None:
+    """Telemetry with nothing selected: a bad value is logged (nothing is applied that it could stop)."""
+    from ._core.errors import PatchError
+    from ._core.log import logger
+    from ._runtime.activation import enable_telemetry
+
+    failed: list[tuple[str, PatchError]] = []
+    enable_telemetry(os.environ, failed)
+    for _, error in failed:
+        logger.error("vllm-custom-patches [pid %d]: %s Telemetry stays off.", os.getpid(), error)
 
 
 def _reset_for_tests() -> None:

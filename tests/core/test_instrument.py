@@ -507,3 +507,46 @@ def test_a_rollback_while_a_thread_is_inside_the_stand_in_keeps_the_original_unt
     assert kept
     assert results == ["patched>original"]
     assert Target().m() == "original"
+
+
+# -- the stand-ins take exactly the parameters of what they stand for -----------------------------
+
+_SENTINEL = object()
+
+
+def test_every_parameter_form_reaches_the_patch_as_the_caller_gave_it() -> None:
+    """Positional-only, defaults (the very objects), *args, keyword-only, **kwargs, and names a stand-in uses."""
+
+    class Target:
+        def m(self, a: Any, /, b: Any = _SENTINEL, *rest: Any, c: Any, d: Any = None, **more: Any) -> Any:
+            return ("T", a, b, rest, c, d, more)
+
+        def named(self, isinstance: Any, _vcp_func: Any = 1, Exception: Any = 2) -> Any:
+            return ("T", isinstance, _vcp_func, Exception)
+
+    class Forms(VLLMPatch[Target]):
+        def m(self, a: Any, /, b: Any = _SENTINEL, *rest: Any, c: Any, d: Any = None, **more: Any) -> Any:
+            return (b is _SENTINEL, self._original_m(a, b, *rest, c=c, d=d, **more))
+
+        def named(self, isinstance: Any, _vcp_func: Any = 1, Exception: Any = 2) -> Any:
+            if isinstance == "raise":
+                raise ValueError("own")
+            return self._original_named(isinstance, _vcp_func, Exception=Exception)
+
+    telemetry.enable()
+    Forms.apply()
+    obj = Target()
+    assert obj.m(1, c=3) == (True, ("T", 1, _SENTINEL, (), 3, None, {}))
+    assert obj.m(1, 2, 5, 6, c=3, d=4, e=7) == (False, ("T", 1, 2, (5, 6), 3, 4, {"e": 7}))
+    with pytest.raises(TypeError):
+        obj.m(a=1, c=3)  # positional-only, as in the patch
+    with pytest.raises(TypeError):
+        obj.m(1)  # c is required
+    assert inspect.signature(Target.m) == inspect.signature(Forms._vcp_spec.members["m"])
+    assert obj.named("x") == ("T", "x", 1, 2)
+    assert obj.named(isinstance="x", _vcp_func=5, Exception=6) == ("T", "x", 5, 6)
+    with pytest.raises(ValueError, match="own"):
+        obj.named("raise")
+    # A call the parameters refuse never entered the member: the caller's error, not counted.
+    assert (row("Forms", "m")["calls"], row("Forms", "m")["errors"]) == (2, 0)
+    assert (row("Forms", "named")["calls"], row("Forms", "named")["errors"]) == (3, 1)

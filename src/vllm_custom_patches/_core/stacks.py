@@ -26,6 +26,11 @@ the member and ``_original_<name>`` are put back exactly as a single patch's
 rollback would.  A layer rolled back while a thread runs its code keeps its
 table entry (``inflight.LingeringLayer``) and its place, reaching the next
 layer still applied inward of it, until those calls return.
+
+With an instrument installed when a layer joins (``instrument``: telemetry),
+the layer's member is the instrument's stand-in for the patch's, and a new
+stack's innermost entry reaches the instrument's stand-in for the base
+(``Stack.reach``); the target still holds the base itself as ``_original_<name>``.
 """
 
 from __future__ import annotations

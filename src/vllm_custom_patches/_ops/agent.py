@@ -68,11 +68,12 @@ def process_record(
     role: str, *, dp_rank: int | None = None, tp_rank: int | None = None, pp_rank: int | None = None
 ) -> dict[str, Any]:
     """This process as the status endpoint reports it: who it is and what it has applied."""
+    from .._core.instrument import installed
     from .._core.manager import PatchManager
     from .._env import ENV_PATCHES
 
     statuses = PatchManager.status()
-    return {
+    record: dict[str, Any] = {
         **_identity(role, dp_rank, tp_rank, pp_rank),
         "selection": os.environ.get(ENV_PATCHES, ""),
         "applied": PatchManager.applied(),
@@ -82,6 +83,12 @@ def process_record(
         "stacks": sorted({line for status in statuses for line in status.stacks}),
         "error": None,
     }
+    if installed() is not None:  # telemetry is on (the one instrument there is); off, it is never imported
+        from .._runtime.telemetry import rows
+
+        # Per patch and member: calls, own_s, total_s, errors, last_error (``_runtime.telemetry``).
+        record["telemetry"] = rows()
+    return record
 
 
 def control_record(

@@ -187,7 +187,16 @@ def _no_answer(url: str, method: str, endpoint: str, exc: BaseException, timeout
 _NUMBER = (int, float)
 _STATUS_SHAPE: dict[str, Any] = {
     "consistent": bool,
-    "processes": [{"?applied": [str], "?patches": [{"name": str, "state": object}], "?stacks": [str]}],
+    "processes": [
+        {
+            "?applied": [str],
+            "?patches": [{"name": str, "state": object}],
+            "?stacks": [str],
+            "?telemetry": [
+                {"patch": str, "member": str, "calls": int, "own_s": _NUMBER, "total_s": _NUMBER, "errors": int}
+            ],
+        }
+    ],
     "?inconsistencies": [
         {
             "patch": str,
@@ -465,6 +474,37 @@ def status_exit_code(report: Mapping[str, Any]) -> int:
     return 0 if report.get("consistent") else 1
 
 
+def _telemetry_lines(processes: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One line per timed member of a patch: its figures summed over the processes that report telemetry."""
+    sums: dict[tuple[str, str], list[Any]] = {}
+    for process in processes:
+        for row in process.get("telemetry") or []:
+            entry = sums.setdefault((row["patch"], row["member"]), [0, 0.0, 0.0, 0, 0, None])
+            entry[0] += row["calls"]
+            entry[1] += row["own_s"]
+            entry[2] += row["total_s"]
+            entry[3] += row["errors"]
+            entry[4] += 1
+            entry[5] = row.get("last_error") or entry[5]
+    lines = []
+    for (patch, member), (calls, own, total, errors, count, last) in sorted(sums.items()):
+        per_call = f", own {_duration(own / calls)}/call, total {_duration(total / calls)}/call" if calls else ""
+        line = (
+            f"telemetry  {patch}.{member}: {calls} call(s) in {count} process(es){per_call} "
+            f"(own {own:.3f} s, total {total:.3f} s), {errors} error(s)"
+        )
+        lines.append(line + (f", last: {last}" if errors and last else ""))
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.1f} us"
+
+
 def print_status(report: Mapping[str, Any], out: TextIO) -> None:
     """A table of processes x patches, then what is inconsistent, for humans."""
     processes: Sequence[Mapping[str, Any]] = report["processes"]
@@ -494,6 +534,11 @@ def print_status(report: Mapping[str, Any], out: TextIO) -> None:
     for line, where in sorted(chains.items()):
         print(f"stack  {line}   ({len(where)} process(es))", file=out)
     if chains:
+        print(file=out)
+    timed = _telemetry_lines(processes)
+    for line in timed:
+        print(line, file=out)
+    if timed:
         print(file=out)
     for rollout in report.get("rollouts", []):
         print(_rollout_line(rollout), file=out)

@@ -43,9 +43,9 @@ from .._core.versions import check_gate
 from .discovery import ENV_PATH, PatchEntryPoint, find_entry_points, load_path
 from .evidence import write_evidence
 from .hooks import module_findable, when_imported
-from .selection import ENV_PATCHES, ENV_STRICT, Selection, parse_selection, parse_strict
+from .selection import ENV_PATCHES, ENV_STRICT, ENV_TELEMETRY, Selection, parse_selection, parse_strict, parse_telemetry
 
-__all__ = ["Epoch", "Report", "activate", "switch_waiting"]
+__all__ = ["Epoch", "Report", "activate", "enable_telemetry", "switch_waiting"]
 
 PREFIX = "vllm-custom-patches [pid %d]"
 
@@ -96,6 +96,7 @@ def activate(environ: Mapping[str, str], epoch: Epoch) -> Report:
     strict = parse_strict(environ.get(ENV_STRICT))
     value = environ.get(ENV_PATCHES, "")
     report = Report()
+    enable_telemetry(environ, report.failed)
     try:
         selection = parse_selection(value)
     except PatchConfigError as exc:
@@ -106,6 +107,26 @@ def activate(environ: Mapping[str, str], epoch: Epoch) -> Report:
     if not (strict and report.failed):
         run.apply(candidates)
     return _finish(report, strict, value)
+
+
+def enable_telemetry(environ: Mapping[str, str], failed: list[tuple[str, PatchError]]) -> bool:
+    """Turn telemetry on for what is applied from now on if ``VLLM_CUSTOM_PATCHES_TELEMETRY`` says so.
+
+    Before anything is applied: every patch of the process is timed, also
+    those the kill switch applies later.  Off, ``_runtime.telemetry`` is not
+    even imported.  A value that is not a boolean goes to ``failed`` (the
+    setting's name, the error) and leaves telemetry off.
+    """
+    try:
+        if not parse_telemetry(environ.get(ENV_TELEMETRY)):
+            return False
+    except PatchConfigError as exc:
+        failed.append((ENV_TELEMETRY, exc))
+        return False
+    from .telemetry import enable
+
+    enable()
+    return True
 
 
 class _Activation:

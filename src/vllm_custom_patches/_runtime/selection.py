@@ -1,4 +1,4 @@
-"""Parsing ``VLLM_CUSTOM_PATCHES`` and ``VLLM_CUSTOM_PATCHES_STRICT``.
+"""Parsing ``VLLM_CUSTOM_PATCHES``, ``VLLM_CUSTOM_PATCHES_STRICT`` and ``VLLM_CUSTOM_PATCHES_TELEMETRY``.
 
 Pure string handling: nothing here knows which patches exist, so a typo in a
 *name* is caught later (by the plugin, which can list the available ones),
@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 from .._core.errors import PatchConfigError
 from .._core.spec import PATCH_NAME
-from .._env import ENV_PATCHES, ENV_STRICT
+from .._env import ENV_PATCHES, ENV_STRICT, ENV_TELEMETRY
 
-__all__ = ["ENV_PATCHES", "ENV_STRICT", "Selection", "parse_selection", "parse_strict"]
+__all__ = [
+    "ENV_PATCHES", "ENV_STRICT", "ENV_TELEMETRY", "Selection", "parse_selection", "parse_strict", "parse_telemetry",
+]  # fmt: skip
 
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -114,6 +116,22 @@ def parse_strict(value: str | None) -> bool:
     raise PatchConfigError(
         f"{ENV_STRICT}={value!r} is not a boolean. Set it to 1 (default: a selected "
         f"patch that cannot be applied stops start-up) or 0 (log it and go on); "
+        f"true/false, yes/no and on/off are accepted too."
+    )
+
+
+def parse_telemetry(value: str | None) -> bool:
+    """Parse ``VLLM_CUSTOM_PATCHES_TELEMETRY`` (unset or empty: off)."""
+    if value is None or not value.strip():
+        return False
+    word = value.strip().lower()
+    if word in _TRUE:
+        return True
+    if word in _FALSE:
+        return False
+    raise PatchConfigError(
+        f"{ENV_TELEMETRY}={value!r} is not a boolean. Set it to 1 (time every patch applied: calls, own and "
+        f"total seconds, errors, per process) or 0 (the default: no timing, nothing added to any call); "
         f"true/false, yes/no and on/off are accepted too."
     )
 

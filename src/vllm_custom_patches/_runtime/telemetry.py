@@ -79,7 +79,7 @@ Clock = Callable[[], int]
 class _ThreadState:
     """One thread's telemetry: its child-time accumulator, the exception passing through, its counters."""
 
-    __slots__ = ("__weakref__", "cells", "child", "passing")
+    __slots__ = ("cells", "child", "passing")
 
     def __init__(self) -> None:
         self.child = 0
@@ -277,7 +277,8 @@ class Telemetry:
 # Generated with the exact parameters of the function they stand for: a
 # ``*args, **kwargs`` forwarder costs a tuple and a dict per call, about as
 # much as the rest of the bookkeeping.  Every name of their own starts with
-# ``_vcp_``; a function with such a parameter gets the ``*args, **kwargs`` form.
+# ``_vcp_``; a function with such a parameter, or one named after a builtin
+# they use, gets the ``*args, **kwargs`` form.
 
 _TIMED: Final = """
 def _vcp_factory(_vcp_func, _vcp_clock, _vcp_local, _vcp_new_state, _vcp_key, _vcp_new_cell, _vcp_error):
@@ -336,6 +337,8 @@ def _vcp_factory(_vcp_func, _vcp_clock, _vcp_local, _vcp_new_state):
     return _vcp_stand_in
 """
 
+_TEMPLATE_GLOBALS: Final = frozenset({"AttributeError", "BaseException", "Exception", "isinstance"})
+"""Builtins the templates use: a parameter of that name would hide them."""
 _factories: dict[tuple[str, str, str], Callable[..., types.FunctionType]] = {}
 _factories_lock = ForkSafeLock()
 
@@ -350,7 +353,7 @@ def _parameters(code: types.CodeType) -> tuple[str, str]:
     index += 1 if varargs else 0
     varkw = names[index] if code.co_flags & _CO_VARKEYWORDS else None
     declared = [*positional, *keyword, *(name for name in (varargs, varkw) if name is not None)]
-    if any(name.startswith("_vcp_") or not name.isidentifier() for name in declared):
+    if any(name.startswith("_vcp_") or name in _TEMPLATE_GLOBALS or not name.isidentifier() for name in declared):
         return "*_vcp_args, **_vcp_kwargs", "*_vcp_args, **_vcp_kwargs"
     params = list(positional)
     if code.co_posonlyargcount:
