@@ -348,6 +348,8 @@ def test_a_canary_on_rank_1_then_promote_seen_by_both_api_servers(dp_server: Clu
             if len(answered_by) == 2:
                 break
         assert len(answered_by) == 2, f"60 reads were all answered by {answered_by}"
+        # What compare and the guards measure its life from: vLLM's metrics of both ranks as it began.
+        assert sorted(active[0]["at_start"]["metrics"]["engines"]) == ["0", "1"], active[0]["at_start"]
         for i in range(6):  # both ranks serve, the canary's with its scheduler
             assert _complete(dp_server, f"canary traffic {i}")["choices"][0]["text"] is not None
         result = _run_cli("status", "--url", url, "--api-key", API_KEY)
@@ -376,6 +378,7 @@ def test_a_canary_on_rank_1_then_promote_seen_by_both_api_servers(dp_server: Clu
         assert report["consistent"] is True
         (promoted,) = report["rollouts"][rollouts_before:]
         assert promoted["state"] == "promoted" and promoted["ended"] >= promoted["since"]
+        assert promoted["at_start"] is None  # an ended rollout keeps no start reading
     finally:
         code, answer = _post(f"{url}/custom_patches/{name}/rollback", CONTROL_TOKEN)
         assert code == 200 and answer["ok"], answer
