@@ -13,6 +13,9 @@ kill switch, ``vllm_custom_patches_control``, see ``_control``):
   asks its workers through ``collective_rpc``.
 * ``WorkerWrapperBase.vllm_custom_patches_status``: the worker-side RPC method
   (one answer per tensor/pipeline-parallel rank).
+* ``EngineCore.vllm_custom_patches_rollouts`` (with the control methods): the
+  engine core's copy of the canaries' rollout records (``_rollouts``), read by
+  every API server, written only by a signed step.
 
 The status methods only read (``PatchManager.status()``).  The control
 methods exist only where the kill switch is enabled (a usable
