@@ -222,18 +222,15 @@ class CustomPatchesEndpoint:
 
     def _watch(self, rollout: "dict[str, Any]") -> None:
         """Have the guardian (``_ops.guardian``) watch a canary's guards from this API server."""
-        import importlib
-
         from ._core.log import logger
+        from ._ops.guardian import watch
 
         async def end(engine_client: Any, patch: str, figures: "dict[str, Any]", reason: str) -> "dict[str, Any]":
             # Only this rollout: a guard whose canary was ended (and another begun) ends nothing.
             return await self._end_by_guard(patch, figures, reason, rollout["id"])
 
         try:
-            # Looked up at run time: the guardian is its own module, which a build may lack.
-            guardian = importlib.import_module("vllm_custom_patches._ops.guardian")
-            guardian.watch(self._engine_client, rollout, end=end)
+            watch(self._engine_client, rollout, end=end)
         except Exception:  # the rollout stands; its guards are not watched, and the log says so
             logger.error(
                 "vllm-custom-patches: the guards of rollout %s of %r are NOT watched: starting the guardian failed",
