@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 from _engine import _stop_group, free_port, launch_serve, tail, wait_ready, write_rank_witness
+from _slow_patch import write_slow_schedule
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -142,9 +143,12 @@ def dp_server(
         VLLM_PLUGINS="custom_patches",
         VLLM_CUSTOM_PATCHES_CONTROL_TOKEN=CONTROL_TOKEN,
         VLLM_CUSTOM_PATCHES="scheduler_trace,RankWitness",
-        VLLM_CUSTOM_PATCHES_PATH=str(write_rank_witness(tmp / "patches")),
+        VLLM_CUSTOM_PATCHES_PATH=str(write_slow_schedule(write_rank_witness(tmp / "patches"))),
         VLLM_CUSTOM_PATCHES_TRACE_FILE=str(files["trace"]),
         VCP_RANK_WITNESS_FILE=str(files["witness"]),
+        VLLM_CUSTOM_PATCHES_TELEMETRY="1",
+        VLLM_CUSTOM_PATCHES_GUARD_INTERVAL="1",  # the guard test's canary is judged every second
+        VCP_SLOW_SCHEDULE_S="0.05",  # SlowSchedule (registered, applied only by the guard test's canary)
     )  # fmt: skip
     port = free_port()
     args = ["--host", "127.0.0.1", "--port", str(port), "--data-parallel-size", "2", "--api-key", API_KEY]
@@ -352,6 +356,15 @@ def test_a_canary_on_rank_1_then_promote_seen_by_both_api_servers(dp_server: Clu
         assert sorted(active[0]["at_start"]["metrics"]["engines"]) == ["0", "1"], active[0]["at_start"]
         for i in range(6):  # both ranks serve, the canary's with its scheduler
             assert _complete(dp_server, f"canary traffic {i}")["choices"][0]["text"] is not None
+        result = _run_cli("compare", name, "--url", url, "--api-key", API_KEY, "--json")
+        assert result.returncode == 0, result.stdout + result.stderr  # no guards: within every one
+        compared = json.loads(result.stdout)
+        assert (compared["canary"]["dp_ranks"], compared["baseline"]["dp_ranks"]) == ([1], [0]), compared
+        for side in ("canary", "baseline"):  # both sides served since the canary began
+            assert compared[side]["requests"] >= 1 and compared[side]["ttft_p50"] is not None, compared
+        print(
+            f"$ vllm-custom-patches compare {name} ...\n{_run_cli('compare', name, '--url', url, '--api-key', API_KEY).stdout}"
+        )
         result = _run_cli("status", "--url", url, "--api-key", API_KEY)
         assert result.returncode == 0 and f"{name} on dp rank(s) 1: active since" in result.stdout, result.stdout
         print(f"$ vllm-custom-patches status ...\n{result.stdout}")
@@ -383,6 +396,114 @@ def test_a_canary_on_rank_1_then_promote_seen_by_both_api_servers(dp_server: Clu
         code, answer = _post(f"{url}/custom_patches/{name}/rollback", CONTROL_TOKEN)
         assert code == 200 and answer["ok"], answer
     assert _applied(_status(dp_server)) == _applied(before)
+
+
+def _telemetry(report: Mapping[str, Any]) -> dict[tuple[int | None, str, str], dict[str, Any]]:
+    """(dp rank, patch, member) -> the engine core's telemetry row."""
+    return {(core["dp_rank"], row["patch"], row["member"]): row
+            for core in _by_role(report, "engine_core") for row in core.get("telemetry", [])}  # fmt: skip
+
+
+def _calls_metric(cluster: Cluster, patch: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    code, text = _get(f"{cluster.url}/metrics")
+    assert code == 200, code
+    text = text.decode() if isinstance(text, bytes) else json.dumps(text)
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "vllm_custom_patches_calls"  # the parser drops a counter's _total
+        for sample in family.samples
+        if sample.name.endswith("_total") and sample.labels["patch"] == patch and sample.labels["role"] == "engine_core"
+    )
+
+
+def test_telemetry_counts_each_patchs_calls_per_engine_core_and_nothing_for_one_not_applied(
+    dp_server: Cluster,
+) -> None:
+    """Issue 20 (a): with VLLM_CUSTOM_PATCHES_TELEMETRY=1, the counters grow with requests and an unapplied patch
+    (SlowSchedule, registered from VLLM_CUSTOM_PATCHES_PATH) counts nothing."""
+    before = _telemetry(_status(dp_server))
+    metric_before = _calls_metric(dp_server, "scheduler_trace")
+    requests = 8
+    for i in range(requests):
+        assert _complete(dp_server, f"telemetry {i}")["choices"][0]["text"] is not None
+    report = _status(dp_server)
+    after = _telemetry(report)
+    calls = {rank: after[(rank, "scheduler_trace", "_update_after_schedule")]["calls"] for rank in (0, 1)}
+    grown = sum(calls[rank] - before.get((rank, "scheduler_trace", "_update_after_schedule"), {"calls": 0})["calls"]
+                for rank in (0, 1))  # fmt: skip
+    assert grown >= requests, (before, after)  # at least one scheduler step per request, in the rank that served it
+    for key, row in after.items():
+        assert 0 <= row["own_s"] <= row["total_s"] and row["errors"] == 0, (key, row)
+    # Never applied: no row, no series (a patch's figures start at its first apply).
+    assert not [key for key in after if key[1] == "SlowSchedule"], after
+    # /metrics: the same counters, published by the first API server, growing with the calls.
+    assert _calls_metric(dp_server, "scheduler_trace") - metric_before >= requests
+    assert _calls_metric(dp_server, "SlowSchedule") == 0  # no series at all
+
+
+class _Stream:
+    """Completions from two client threads until stopped; every failure recorded (the test asserts there are none)."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster, self.served = cluster, 0
+        self.failures: list[BaseException] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(2)]
+
+    def _run(self, n: int) -> None:
+        i = 0
+        while not self._stop.is_set():
+            i += 1
+            try:
+                _complete(self.cluster, f"stream {n} " + "word " * (i % 5))
+                self.served += 1
+            except BaseException as exc:  # asserted by the test
+                self.failures.append(exc)
+
+    def __enter__(self) -> _Stream:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=180)
+
+
+def test_a_slow_canary_is_rolled_back_by_its_guard_within_the_window_and_no_request_fails(dp_server: Cluster) -> None:
+    """Issue 20 (c): SlowSchedule (a stackable patch sleeping 50 ms per scheduler step) canaried on rank 1 with
+    ``ttft_p99<=1.2x`` over 5 s windows, under a stream of requests: the API server that accepted the canary rolls
+    it back itself, all or nothing, and the record says why, with the figures."""
+    name, url, window = "SlowSchedule", dp_server.url, 5
+    before = _applied(_status(dp_server))
+    with _Stream(dp_server) as stream:
+        body = {"dp_ranks": [1], "guards": ["ttft_p99<=1.2x", "errors==0"], "window_s": window, "reason": "guard test"}
+        code, answer = _post_json(f"{url}/custom_patches/{name}/apply", body)
+        assert code == 200 and answer["ok"], answer
+        rollout_id = answer["rollout"]["id"]
+        started = time.monotonic()
+        while True:  # the rollout's record, read from the engine cores by whichever API server answers
+            (record,) = [r for r in _status(dp_server)["rollouts"] if r["id"] == rollout_id]
+            if record["state"] != "active":
+                break
+            assert time.monotonic() - started < 240, f"the guard did not end the canary: {record}"
+            time.sleep(0.2)  # polling the observable state; the guardian judges on its own clock
+    assert not stream.failures, stream.failures[:3]
+    assert stream.served > 0
+    assert record["state"] == "rolled_back_by_guard", record
+    (broken,) = record["figures"]["broken"]
+    assert broken["guard"] == "ttft_p99<=1.2x" and broken["canary"] > broken["limit"], broken
+    assert broken["broken_for_s"] >= window  # a whole window of breach, never less
+    assert "ttft_p99<=1.2x broken" in record["end_reason"]
+    report = _status(dp_server)
+    assert report["consistent"] is True and _applied(report) == before  # rolled back on rank 1, nothing else changed
+    print(f"guard: canary of {name} rolled back by its guard {record['ended'] - record['since']:.1f} s after the "
+          f"apply (window {window} s, judged every 1 s; breach judged {broken['broken_for_s']:.1f} s); "
+          f"{stream.served} requests served meanwhile, none failed")  # fmt: skip
 
 
 # -- multi-node: three nodes, one started without VLLM_CUSTOM_PATCHES ----------------------
