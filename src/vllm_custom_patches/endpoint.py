@@ -230,7 +230,8 @@ class CustomPatchesEndpoint:
             return await self._end_by_guard(patch, figures, reason, rollout["id"])
 
         try:
-            watch(self._engine_client, rollout, end=end)
+            # The status route's shared collection: the guardian's reads cost the engine cores nothing more.
+            watch(self._engine_client, rollout, end=end, read_status=self._status.get)
         except Exception:  # the rollout stands; its guards are not watched, and the log says so
             logger.error(
                 "vllm-custom-patches: the guards of rollout %s of %r are NOT watched: starting the guardian failed",

@@ -354,7 +354,10 @@ def test_a_rollback_one_rank_refuses_is_undone_everywhere_with_409(server: Contr
         complete(server, PROBE, 2)  # the next model step: another tool wraps the patched method in rank 1 only
         result = _run_cli(server, "rollback", "RankWitness", "--token", TOKEN)
         assert result.returncode == 1, result.stdout + result.stderr
-        assert "REFUSED: patch 'RankWitness' was not rolled back; every process was put back as it was" in result.stdout
+        assert (
+            "REFUSED: patch 'RankWitness' was not rolled back in every process; every process was put back as it was"
+            in result.stdout
+        )
         code, report = _control(server, "rollback", "RankWitness")
         assert code == 409 and report["ok"] is False
         by_rank = {p["tp_rank"]: p for p in report["processes"] if p["role"] == "worker"}

@@ -429,18 +429,30 @@ def test_telemetry_counts_each_patchs_calls_per_engine_core_and_nothing_for_one_
     requests = 8
     for i in range(requests):
         assert _complete(dp_server, f"telemetry {i}")["choices"][0]["text"] is not None
-    report = _status(dp_server)
-    after = _telemetry(report)
-    calls = {rank: after[(rank, "scheduler_trace", "_update_after_schedule")]["calls"] for rank in (0, 1)}
-    grown = sum(calls[rank] - before.get((rank, "scheduler_trace", "_update_after_schedule"), {"calls": 0})["calls"]
-                for rank in (0, 1))  # fmt: skip
-    assert grown >= requests, (before, after)  # at least one scheduler step per request, in the rank that served it
+    trace = "scheduler_trace", "_update_after_schedule"
+
+    def grown(after: Mapping[tuple[int | None, str, str], Mapping[str, Any]]) -> int:
+        return sum(
+            after[(rank, *trace)]["calls"] - before.get((rank, *trace), {"calls": 0})["calls"] for rank in (0, 1)
+        )
+
+    # At least one scheduler step per request, in the rank that served it.  A status answer may be a
+    # view up to about a second old (shared between concurrent reads): wait for one taken after them.
+    started = time.monotonic()
+    while grown(after := _telemetry(_status(dp_server))) < requests:
+        assert time.monotonic() - started < 60, (before, after)
+        time.sleep(0.2)  # polling the observable state
     for key, row in after.items():
         assert 0 <= row["own_s"] <= row["total_s"] and row["errors"] == 0, (key, row)
     # Never applied: no row, no series (a patch's figures start at its first apply).
     assert not [key for key in after if key[1] == "SlowSchedule"], after
-    # /metrics: the same counters, published by the first API server, growing with the calls.
-    assert _calls_metric(dp_server, "scheduler_trace") - metric_before >= requests
+    # /metrics: the same counters, growing with the calls.  The first API server publishes the engine
+    # cores' series, from its views (each read it answers, and its background refresh every few
+    # seconds): wait for a view of it taken after the requests, whichever API server answered above.
+    started = time.monotonic()
+    while _calls_metric(dp_server, "scheduler_trace") - metric_before < requests:
+        assert time.monotonic() - started < 120, "the calls counter on /metrics did not grow with the requests"
+        time.sleep(0.5)  # polling the observable state
     assert _calls_metric(dp_server, "SlowSchedule") == 0  # no series at all
 
 
