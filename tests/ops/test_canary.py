@@ -748,7 +748,8 @@ def test_an_accepted_canary_with_guards_is_handed_to_the_guardian(monkeypatch: p
         rollout = answer.json()["rollout"]
         assert rollout["guards"] == ["ttft_p99<=1.2x", "errors==0"] and rollout["window_s"] == 30.0  # canonical
         ((engine_client, given, kwargs),) = watched
-        assert engine_client is engines and given == rollout and set(kwargs) == {"end"}
+        assert engine_client is engines and given == rollout and set(kwargs) == {"end", "read_status"}
+        assert (await kwargs["read_status"]())["rollouts"][-1]["id"] == rollout["id"]  # the status route's view
         # Without guards, or refused: nothing to watch.
         await _post(client, "apply", {"dp_ranks": [2]}, name=OTHER)
         refused = await _post(client, "apply", {"dp_ranks": [2], "guards": ["errors==0"]})
