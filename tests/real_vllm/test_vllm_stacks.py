@@ -11,29 +11,38 @@ generated tokens equal an unpatched engine's.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _early import JobContext, early_fixture
 
 from vllm_custom_patches.testing import EngineRun, run_engine
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytest.importorskip("vllm_patches_example", reason="the example package is installed by make test")
 
 # Prompt lengths out of order: vLLM's FCFS admits 0, 1, 2, 3; shortest first admits 1, 3, 2, 0.
 PROMPTS = [[7 + i for i in range(n)] for n in (20, 5, 12, 8)]
 SHORTEST_FIRST = (1, 3, 2, 0)
 CHAIN = "Scheduler.schedule: schedule_log (order 10) \u2192 shortest_prompt_first \u2192 vLLM"
+SELECTIONS = {
+    "baseline": "",
+    "observer_first": "schedule_log,shortest_prompt_first",
+    "policy_first": "shortest_prompt_first,schedule_log",
+}
 
 
-def _run(model: Path, workdir: Path, selection: str) -> tuple[EngineRun, list[str]]:
+def _run(job: JobContext, workdir: Path, selection: str) -> tuple[EngineRun, list[str]]:
     workdir.mkdir(parents=True)
     log = workdir / "admitted.jsonl"
-    env = {"VLLM_PATCHES_EXAMPLE_SCHEDULE_LOG": str(log)}  # schedule_log by name: the package's entry point
+    # schedule_log by name: the package's entry point.  The session's environment, not os.environ
+    # as a foreground test may have changed it (this runs in the background lane).
+    env = job.env(VLLM_PATCHES_EXAMPLE_SCHEDULE_LOG=str(log))
     run = run_engine(
-        model, patches=selection, prompts=PROMPTS, multiprocess=False, env=env, workdir=workdir / "engine", timeout=600
-    )
+        job.workspace.model, patches=selection, prompts=PROMPTS, multiprocess=False, env=env,
+        workdir=workdir / "engine", timeout=600,
+    )  # fmt: skip
     admitted = (
         [rid for line in log.read_text().splitlines() for rid in json.loads(line)["admitted"]] if log.exists() else []
     )
@@ -45,18 +54,11 @@ def _stacks(run: EngineRun) -> set[str]:
     return {line for status in driver.patches for line in status.get("stacks", [])}
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_vllm_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    pytest.importorskip("vllm_patches_example", reason="the example package is installed by make test")
-    root = tmp_path_factory.mktemp("stacks")
-    selections = {
-        "baseline": "",
-        "observer_first": "schedule_log,shortest_prompt_first",
-        "policy_first": "shortest_prompt_first,schedule_log",
-    }
-    with ThreadPoolExecutor(2) as pool:
-        futures = {key: pool.submit(_run, tiny_vllm_model, root / key, sel) for key, sel in selections.items()}
-        return {key: future.result() for key, future in futures.items()}
+@early_fixture
+def runs(job: JobContext) -> dict[str, tuple[EngineRun, list[str]]]:
+    """An unpatched engine and the two installation orders, one after another (an early job: in the background lane)."""
+    root = job.workspace.dir("stacks")
+    return {key: _run(job, root / key, selection) for key, selection in SELECTIONS.items()}
 
 
 @pytest.mark.parametrize("order", ["observer_first", "policy_first"])
