@@ -270,19 +270,8 @@ def _mismatch(value: Any, shape: Any, where: str) -> str | None:
 
 def fetch_status(url: str, api_key: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
     """``GET {url}/custom_patches`` and return its JSON."""
-    _parse_url(url)
-    headers = {"Accept": "application/json"}
-    if api_key:
-        _check_credential("--api-key", api_key)
-        headers["Authorization"] = f"Bearer {api_key}"
-    code, body = _exchange(url, "GET", ENDPOINT, headers, None, timeout)
-    if code == 404:
-        raise RemoteError(f"{url} does not serve {ENDPOINT}: the endpoint is not enabled; {_ENABLE_HINT}")
-    if code == 401:
-        hint = "pass the server's API key with --api-key" if not api_key else "the API key given was refused"
-        raise RemoteError(f"{url}{ENDPOINT} answered 401 Unauthorized: {hint}")
-    if code != 200:
-        raise RemoteError(f"{url}{ENDPOINT} answered HTTP {code}: {body[:500]!r}")
+    body = _get(url, ENDPOINT, "application/json", api_key, timeout,
+                missing=f"the endpoint is not enabled; {_ENABLE_HINT}")  # fmt: skip
     try:
         report = json.loads(body)
     except ValueError:
@@ -305,23 +294,30 @@ METRICS = "/metrics"
 
 def fetch_metrics(url: str, api_key: str | None = None, timeout: float = 30.0) -> str:
     """``GET {url}/metrics``: vLLM's Prometheus text, as the same hardened client reads the status."""
-    _parse_url(url)
-    headers = {"Accept": "text/plain"}
-    if api_key:
-        _check_credential("--api-key", api_key)
-        headers["Authorization"] = f"Bearer {api_key}"
-    code, body = _exchange(url, "GET", METRICS, headers, None, timeout)
-    if code == 404:
-        raise RemoteError(f"{url} does not serve {METRICS}; is this a vLLM server (its OpenAI-compatible API)?")
-    if code == 401:
-        hint = "pass the server's API key with --api-key" if not api_key else "the API key given was refused"
-        raise RemoteError(f"{url}{METRICS} answered 401 Unauthorized: {hint}")
-    if code != 200:
-        raise RemoteError(f"{url}{METRICS} answered HTTP {code}: {body[:500]!r}")
+    body = _get(url, METRICS, "text/plain", api_key, timeout,
+                missing="is this a vLLM server (its OpenAI-compatible API)?")  # fmt: skip
     try:
         return body.decode()
     except UnicodeDecodeError:
         raise RemoteError(f"{url}{METRICS} did not answer text; is this a vLLM server?") from None
+
+
+def _get(url: str, endpoint: str, accept: str, api_key: str | None, timeout: float, *, missing: str) -> bytes:
+    """``GET {url}{endpoint}``'s body if the answer is 200; else one line saying why (``missing``: a 404's hint)."""
+    _parse_url(url)
+    headers = {"Accept": accept}
+    if api_key:
+        _check_credential("--api-key", api_key)
+        headers["Authorization"] = f"Bearer {api_key}"
+    code, body = _exchange(url, "GET", endpoint, headers, None, timeout)
+    if code == 404:
+        raise RemoteError(f"{url} does not serve {endpoint}: {missing}")
+    if code == 401:
+        hint = "pass the server's API key with --api-key" if not api_key else "the API key given was refused"
+        raise RemoteError(f"{url}{endpoint} answered 401 Unauthorized: {hint}")
+    if code != 200:
+        raise RemoteError(f"{url}{endpoint} answered HTTP {code}: {body[:500]!r}")
+    return body
 
 
 _CONTROL_HINT = (

@@ -104,36 +104,36 @@ def parse_selection(value: str | None) -> Selection:
     return Selection(all=everything, names=tuple(names), excluded=frozenset(excluded))
 
 
-def parse_strict(value: str | None) -> bool:
-    """Parse ``VLLM_CUSTOM_PATCHES_STRICT`` (unset or empty: strict)."""
+def _parse_switch(name: str, value: str | None, *, default: bool, on: str, off: str) -> bool:
+    """A boolean setting: 1/0, true/false, yes/no, on/off (any case); unset or empty: ``default``."""
     if value is None or not value.strip():
-        return True
+        return default
     word = value.strip().lower()
     if word in _TRUE:
         return True
     if word in _FALSE:
         return False
     raise PatchConfigError(
-        f"{ENV_STRICT}={value!r} is not a boolean. Set it to 1 (default: a selected "
-        f"patch that cannot be applied stops start-up) or 0 (log it and go on); "
+        f"{name}={value!r} is not a boolean. Set it to 1 ({on}) or 0 ({off}); "
         f"true/false, yes/no and on/off are accepted too."
     )
+
+
+def parse_strict(value: str | None) -> bool:
+    """Parse ``VLLM_CUSTOM_PATCHES_STRICT`` (unset or empty: strict)."""
+    return _parse_switch(
+        ENV_STRICT, value, default=True,
+        on="default: a selected patch that cannot be applied stops start-up", off="log it and go on",
+    )  # fmt: skip
 
 
 def parse_telemetry(value: str | None) -> bool:
     """Parse ``VLLM_CUSTOM_PATCHES_TELEMETRY`` (unset or empty: off)."""
-    if value is None or not value.strip():
-        return False
-    word = value.strip().lower()
-    if word in _TRUE:
-        return True
-    if word in _FALSE:
-        return False
-    raise PatchConfigError(
-        f"{ENV_TELEMETRY}={value!r} is not a boolean. Set it to 1 (time every patch applied: calls, own and "
-        f"total seconds, errors, per process) or 0 (the default: no timing, nothing added to any call); "
-        f"true/false, yes/no and on/off are accepted too."
-    )
+    return _parse_switch(
+        ENV_TELEMETRY, value, default=False,
+        on="time every patch applied: calls, own and total seconds, errors, per process",
+        off="the default: no timing, nothing added to any call",
+    )  # fmt: skip
 
 
 def _config_error(value: str, problem: str, fix: str) -> PatchConfigError:
