@@ -114,11 +114,13 @@ class CustomPatchesEndpoint:
 
     async def init_state(self, engine_client: Any, state: "State", args: Namespace) -> None:
         from ._ops.epoch import ChangeEpoch
+        from ._ops.switch import share_unsettled
 
         self._engine_client = engine_client
         # Shared with the server's other API servers (vLLM may start several): a change made through
         # any of them makes every one collect afresh.
         self._epoch = ChangeEpoch.for_server(args)
+        share_unsettled(self._epoch.path)  # and what an inconsistent change left, whichever made it
         keys = [key for key in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if key]
         self._api_key_hashes = [hashlib.sha256(key.encode()).digest() for key in keys]
         self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())

@@ -41,7 +41,7 @@ LOCKS: dict[str, Callable[[], Any]] = {
     "_activation._waiting_lock": _module_lock("_runtime.activation", "_waiting_lock"),
     "_control._lock": _module_lock("_ops.control", "_lock"),
     "_control._replays._lock": lambda: _module_lock("_ops.control", "_replays")()._lock,
-    "_switch._unsettled_lock": _module_lock("_ops.switch", "_unsettled_lock"),
+    "_switch._record._lock": lambda: _module_lock("_ops.switch", "_record")()._lock,
     "_metrics._lock": _module_lock("_ops.metrics", "_lock"),
     "plugin._lock": _module_lock("plugin", "_lock"),  # replaced by plugin.py's own handler
 }

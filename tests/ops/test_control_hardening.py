@@ -515,7 +515,7 @@ def test_the_route_answers_500_inconsistent_and_the_status_shows_the_mixed_state
 ) -> None:
     from vllm_custom_patches._ops import switch as _switch
 
-    monkeypatch.setattr(_switch, "_unsettled", {}, raising=False)
+    monkeypatch.setattr(_switch, "_record", _switch.Unsettled())  # this process's memory, empty
     # One engine core: the API server refuses (another tool wrapped the method here), the engine
     # core rolled back and cannot be asked to undo. Each role alone looks uniform.
     grafted = Target.__dict__["run"]

@@ -12,8 +12,9 @@ Three outcomes (``report["outcome"]``): ``done`` everywhere; ``refused``, and
 every process was put back; ``inconsistent``: refused, and some process could
 not be put back (its undo failed, or it answered neither the change nor the
 undo), so the patch may be in effect in some processes and not in others.
-The last is remembered here until a later operation on that patch is done
-everywhere, and the status route shows it (:func:`note_unsettled`).
+The last is remembered (``_unsettled``: shared by the server's API servers)
+until a later operation on that patch is done everywhere, and the status
+route of every API server shows it (:func:`note_unsettled`).
 
 With ``dp_ranks`` the change is made only in the engine cores of those
 data-parallel ranks and, through them, their workers (a canary), all or
@@ -31,17 +32,18 @@ import time
 import uuid
 import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from .._core.forksafe import ForkSafeLock
 from . import rollouts as _rollouts
 from .agent import CONTROL_METHOD, ROLLOUTS_METHOD, control_record, unreachable_record
 from .auth import sign, sign_with_payload
 from .fleet import ENGINE_TIMEOUT_S, call_engine_cores, describe_process, engine_failure
+from .unsettled import Unsettled
 
 __all__ = [
     "HTTP_STATUS", "change", "control", "end_by_guard", "known_patches", "note_unsettled", "one_at_a_time",
-    "rollouts_now", "summary",
+    "rollouts_now", "share_unsettled", "summary",
 ]  # fmt: skip
 
 HTTP_STATUS = {"done": 200, "refused": 409, "inconsistent": 500}
@@ -49,9 +51,15 @@ HTTP_STATUS = {"done": 200, "refused": 409, "inconsistent": 500}
 
 _RANKS = ("dp_rank", "tp_rank", "pp_rank")
 
-# patch -> what the last inconsistent operation on it left (this API server's memory).
-_unsettled_lock = ForkSafeLock()  # a forked child must not find it held by a thread it lacks
-_unsettled: dict[str, dict[str, Any]] = {}
+# patch -> what the last inconsistent operation on it left: this process's memory until the
+# endpoint shares it with the server's other API servers (share_unsettled).
+_record = Unsettled()
+
+
+def share_unsettled(epoch_path: Path | None) -> None:
+    """Keep what inconsistent outcomes left beside the server's change epoch, for every API server to show."""
+    global _record
+    _record = Unsettled.beside(epoch_path)
 
 
 def known_patches() -> list[str]:
@@ -171,16 +179,15 @@ def _settle(
 
 
 def _remember(report: Mapping[str, Any]) -> None:
-    with _unsettled_lock:
-        if report["outcome"] == "done":
-            _unsettled.pop(report["patch"], None)
-        elif report["outcome"] == "inconsistent":
-            _unsettled[report["patch"]] = {
-                "patch": report["patch"],
-                "op_id": report["op_id"],
-                "action": report["action"],
-                "processes": [p["description"] for p in report["undo_failed"]],
-            }
+    if report["outcome"] == "done":
+        _record.settle(report["patch"])
+    elif report["outcome"] == "inconsistent":
+        _record.note(report["patch"], {
+            "patch": report["patch"],
+            "op_id": report["op_id"],
+            "action": report["action"],
+            "processes": [p["description"] for p in report["undo_failed"]],
+        })  # fmt: skip
 
 
 def note_unsettled(status: dict[str, Any]) -> dict[str, Any]:
@@ -189,8 +196,7 @@ def note_unsettled(status: dict[str, Any]) -> dict[str, Any]:
     A patch's processes can disagree across roles (the API server rolled back,
     an engine core not), which comparing each role with itself does not show.
     """
-    with _unsettled_lock:
-        unsettled = [dict(entry) for entry in _unsettled.values()]
+    unsettled = _record.entries()
     status["unsettled"] = unsettled
     if unsettled:
         status["consistent"] = False
